@@ -1,0 +1,15 @@
+"""lora-analysis: what Low-Rank Adaptation really does.
+
+The library (this package) trains, measures and explains LoRA; the Streamlit dashboard (``dashboard/``)
+only draws what it returns. Nothing in this package imports streamlit.
+"""
+
+from .lora import (Adapter, AdapterModule, LoRAConfig, LoRALinear, apply_lora, load_adapter, lora_layers,
+                   lora_report_frame, merge, merge_and_unload, read_adapter, save_adapter, unmerge)
+
+
+__version__ = "0.1.0"
+
+__all__ = ["Adapter", "AdapterModule", "LoRAConfig", "LoRALinear", "apply_lora",
+           "load_adapter", "lora_layers", "lora_report_frame", "merge", "merge_and_unload",
+           "read_adapter", "save_adapter", "unmerge"]

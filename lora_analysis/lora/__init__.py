@@ -1,0 +1,12 @@
+"""The LoRA core: one layer (layer.py), its settings (config.py), how a model is rewritten (model.py),
+and PEFT-format adapters on disk (adapter_io.py)."""
+
+from .adapter_io import Adapter, AdapterModule, load_adapter, read_adapter, save_adapter
+from .config import LoRAConfig
+from .layer import LoRALinear, compute_scaling
+from .model import (ReplacedModule, apply_lora, lora_layers, lora_report_frame, mark_only_lora_as_trainable,
+                    merge, merge_and_unload, unmerge)
+
+__all__ = ["Adapter", "AdapterModule", "LoRAConfig", "LoRALinear", "ReplacedModule", "apply_lora",
+           "compute_scaling", "load_adapter", "lora_layers", "lora_report_frame", "mark_only_lora_as_trainable",
+           "merge", "merge_and_unload", "read_adapter", "save_adapter", "unmerge"]

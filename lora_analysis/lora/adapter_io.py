@@ -1,0 +1,294 @@
+"""PEFT-format adapters on disk, both ways.
+
+A directory holds ``adapter_config.json`` (PEFT's ``LoraConfig`` keys) and ``adapter_model.safetensors``
+with keys ``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r),
+plus ``base_model.model.<path>.<param>`` for ``modules_to_save``. That is exactly what PEFT's
+``save_pretrained`` writes, so ``PeftModel.from_pretrained`` loads our adapters and we load PEFT's.
+Pickled ``.bin`` adapters are refused: we never unpickle files users give us.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig, matches_module_to_save
+from .layer import compute_scaling, linear_shape
+from .model import apply_lora, find_targets, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary file in the same directory and rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _compact_targets(model: nn.Module, chosen: list[str]) -> list[str]:
+    """Shortest target list that selects exactly ``chosen``: leaf names when they are unambiguous."""
+    leaves = sorted({n.rpartition(".")[2] for n in chosen})
+    selected = {n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in leaves)}
+    return leaves if selected == set(chosen) else sorted(chosen)
+
+
+def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None,
+                     task_type: str | None = None) -> dict:
+    """The ``adapter_config.json`` content PEFT would write for ``model``'s adapter."""
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    layers = lora_layers(model)
+    if config is None or not layers:
+        raise ValueError("model has no LoRA adapter to save: call apply_lora() first")
+    targets = config.targets if isinstance(config.targets, str) and config.targets != "all-linear" \
+        else _compact_targets(model, list(layers))
+    rank, alpha = config.rank, config.alpha
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    if config.init == "pissa":
+        # A PiSSA adapter is saved as the equivalent plain LoRA adapter of rank 2r against the original
+        # weights (PEFT's conversion): ΔW = s·(B·A − B0·A0) = s'·[B, −B0]·[A; A0], alpha chosen so s' = s.
+        rank, rank_pattern = 2 * rank, {k: 2 * v for k, v in rank_pattern.items()}
+        alpha = _alpha_for_scaling(compute_scaling(config.rank, config.alpha, config.rslora), rank, config.rslora)
+        alpha_pattern = {name: _alpha_for_scaling(layer.scaling, 2 * layer.rank, config.rslora)
+                         for name, layer in layers.items()}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "use_rslora": config.rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": "none",
+        "modules_to_save": list(config.modules_to_save) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def _alpha_for_scaling(scaling: float, rank: int, rslora: bool) -> float:
+    return scaling * (math.sqrt(rank) if rslora else rank)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves: LoRA factors and ``modules_to_save`` parameters, under PEFT's key names."""
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        if layer.init == "pissa":
+            a0, b0 = layer.pissa_init
+            a, b = torch.cat([a, a0.to(a)]), torch.cat([b, -b0.to(b)], dim=1)
+        state[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    if config and config.modules_to_save:
+        for pname, p in model.named_parameters():
+            if matches_module_to_save(config.modules_to_save, pname) and ".lora_" not in pname:
+                state[f"{PREFIX}{pname}"] = p.detach().contiguous()
+    return {k: v.cpu() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 task_type: str | None = None) -> Path:
+    """Write ``model``'s adapter as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    """
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError("model is merged: unmerge() it before saving the adapter")
+    config = peft_config_dict(model, base_model_name_or_path, task_type)
+    state = adapter_state_dict(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _atomic_write_bytes(directory / CONFIG_NAME,
+                        lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return directory
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+@dataclass
+class AdapterModule:
+    """One adapted module as stored: A (r, in), B (out, r), ΔW = scaling·B·A of shape (out, in)."""
+
+    name: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    alpha: float
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.lora_B.shape[0]), int(self.lora_A.shape[1])
+
+
+@dataclass
+class Adapter:
+    """An adapter read from disk without a base model: its config and its factors per module."""
+
+    path: Path
+    config: LoRAConfig
+    raw_config: dict
+    modules: dict[str, AdapterModule]
+    extra: dict[str, torch.Tensor]     # modules_to_save tensors, keyed by parameter path
+
+
+def read_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict]:
+    """Parse ``adapter_config.json`` into a :class:`LoRAConfig` (and the raw dict), with clear errors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"adapter directory '{directory}' does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"'{directory}' has no {CONFIG_NAME}: an adapter directory needs {CONFIG_NAME} "
+                         f"and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    if str(raw.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{path}: peft_type={raw.get('peft_type')!r} is not supported: only LORA adapters")
+    if raw.get("use_dora"):
+        raise ValueError(f"{path}: use_dora=true (DoRA) is not supported: only plain LoRA adapters")
+    if raw.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={raw.get('bias')!r} is not supported: only 'none'")
+    for key in ("r", "lora_alpha"):
+        if key not in raw:
+            raise ValueError(f"{path} has no '{key}' key: is it a LoRA adapter_config.json?")
+    targets = raw.get("target_modules")
+    if targets is None:
+        raise ValueError(f"{path} has no target_modules")
+    config = LoRAConfig(
+        targets=targets if isinstance(targets, str) else list(targets),
+        rank=raw["r"], alpha=raw["lora_alpha"], dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
+        rslora=bool(raw.get("use_rslora", False)), init="kaiming",
+        rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        modules_to_save=list(raw.get("modules_to_save") or []))
+    return config, raw
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load ``adapter_model.safetensors``; a pickled ``.bin`` is refused, never unpickled."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise ValueError(f"'{directory}' holds adapter_model.bin, a pickle file, which is not loaded for "
+                             "safety: convert it to safetensors (in PEFT: save_pretrained(..., "
+                             "safe_serialization=True))")
+        raise ValueError(f"'{directory}' has no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def read_adapter(directory: str | os.PathLike) -> Adapter:
+    """Read an adapter directory (ours or PEFT's) into per-module factors, no base model needed."""
+    config, raw = read_config(directory)
+    tensors = read_weights(directory)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            factors.setdefault(m["module"], {})[m["which"]] = value
+        elif "lora_" in key:
+            raise ValueError(f"adapter tensor '{key}' is not a LoRA A/B weight (embedding or DoRA adapters "
+                             "are not supported)")
+        else:
+            extra[key.removeprefix(PREFIX)] = value
+    if not factors:
+        raise ValueError(f"'{directory}' holds no lora_A/lora_B weights")
+    modules = {}
+    for name, pair in sorted(factors.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"module '{name}' has lora_{'A' if 'A' in pair else 'B'} but no "
+                             f"lora_{'B' if 'A' in pair else 'A'} weight")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"module '{name}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                             "form B·A (need A (r, in) and B (out, r))")
+        r = int(a.shape[0])
+        alpha = float(config.alpha_for(name))
+        if config.rank_for(name) != r:
+            raise ValueError(f"module '{name}': the weights have rank {r} but the config says "
+                             f"r={config.rank_for(name)}")
+        modules[name] = AdapterModule(name, a, b, alpha, compute_scaling(r, alpha, config.rslora))
+    return Adapter(Path(directory), config, raw, modules, extra)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Apply the adapter in ``directory`` (ours or PEFT's) to ``model`` and load its weights.
+
+    Every check (config, file, module names, shapes) runs before the model is touched: on any error the
+    model is left unchanged.
+    """
+    adapter = read_adapter(directory)
+    config = adapter.config
+    modules = dict(model.named_modules())
+    for name in adapter.modules:
+        if name not in modules:
+            raise ValueError(f"adapter module '{name}' does not exist in the model (is this the right base "
+                             "model?)")
+    targets = find_targets(model, config)
+    missing = sorted(set(targets) - set(adapter.modules))
+    unexpected = sorted(set(adapter.modules) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: target_modules select {missing[:5]} that have no "
+                         f"weights, and the weights hold {unexpected[:5]} that target_modules do not select")
+    for name, mod in adapter.modules.items():
+        out_f, in_f = linear_shape(modules[name])
+        want_a, want_b = (mod.rank, in_f), (out_f, mod.rank)
+        if tuple(mod.lora_A.shape) != want_a or tuple(mod.lora_B.shape) != want_b:
+            raise ValueError(f"adapter does not fit module '{name}': the adapter has lora_A "
+                             f"{tuple(mod.lora_A.shape)} and lora_B {tuple(mod.lora_B.shape)}, the model's "
+                             f"{out_f}x{in_f} layer needs {want_a} and {want_b}")
+    params = dict(model.named_parameters())
+    for key, value in adapter.extra.items():
+        if key not in params:
+            raise ValueError(f"adapter tensor '{key}' (modules_to_save) has no parameter in the model")
+        if params[key].shape != value.shape:
+            raise ValueError(f"adapter tensor '{key}' has shape {tuple(value.shape)}, the model's parameter "
+                             f"has {tuple(params[key].shape)}")
+    apply_lora(model, config=config)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.weight.copy_(adapter.modules[name].lora_A)
+            layer.lora_B.weight.copy_(adapter.modules[name].lora_B)
+        for key, value in adapter.extra.items():
+            params[key].copy_(value)
+    return model

@@ -1,0 +1,170 @@
+"""One LoRA layer: a frozen base Linear (or Hugging Face Conv1D) plus a trainable low-rank update.
+
+    h = base(x) + scaling * lora_B(lora_A(dropout(x)))        (unmerged)
+    h = x @ (W + ΔW)ᵀ + b,   ΔW = scaling * B @ A            (merged)
+
+Shapes follow the LoRA paper and PEFT: ``lora_A.weight`` is A: (r, in), ``lora_B.weight`` is B: (out, r),
+so ΔW = scaling·B·A has the (out, in) shape of an ``nn.Linear`` weight. ``scaling`` is alpha / r, or
+alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+
+Hugging Face ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) stores its weight transposed, as
+(in, out); its delta is transposed the same way (PEFT's ``fan_in_fan_out=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+INIT_METHODS = ("kaiming", "gaussian", "pissa")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` without importing transformers (it is optional here)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Layers LoRA can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D, whatever its storage orientation."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return int(out_features), int(in_features)
+    return int(module.out_features), int(module.in_features)
+
+
+def compute_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
+    """alpha / r (LoRA paper) or alpha / sqrt(r) (rsLoRA)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def validate_hyperparameters(name: str, rank: int, alpha: float, dropout: float, out_features: int,
+                             in_features: int, init: str = "kaiming") -> None:
+    """Raise ``ValueError`` naming the module and the allowed range for any bad LoRA setting."""
+    max_rank = min(out_features, in_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(f"rank={rank!r} for module '{name}' ({out_features}x{in_features}) is not allowed: "
+                         f"rank must be an integer from 1 to min(in, out) = {max_rank}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha={alpha!r} for module '{name}' is not allowed: alpha must be a finite number > 0")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} is not allowed: dropout must be in [0, 1)")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init={init!r} is not allowed: choose one of {', '.join(INIT_METHODS)}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``base_layer`` (Linear or Conv1D) with a low-rank update ``scaling * lora_B @ lora_A``.
+
+    Attributes follow the paper and PEFT: ``rank`` (r), ``alpha``, ``scaling``, ``lora_A`` (Linear in→r,
+    weight (r, in)), ``lora_B`` (Linear r→out, weight (out, r)), ``lora_dropout``, ``merged``.
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming", name: str = "") -> None:
+        super().__init__()
+        if not is_adaptable(base_layer):
+            raise ValueError(f"module '{name}' is a {type(base_layer).__name__}: LoRA wraps only nn.Linear "
+                             "and transformers Conv1D layers")
+        out_features, in_features = linear_shape(base_layer)
+        validate_hyperparameters(name or type(base_layer).__name__, rank, alpha, dropout,
+                                 out_features, in_features, init)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), bool(rslora), init
+        self.scaling = compute_scaling(rank, float(alpha), rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base_layer.weight
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=torch.float32)
+        self.merged = False
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        if weight.device.type != "meta":
+            self.reset_lora_parameters(init)
+
+    # ---- initialisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """kaiming: A ~ Kaiming-uniform(a=√5), B = 0 (ΔW = 0, outputs unchanged at step 0; PEFT's default).
+        gaussian: A ~ N(0, 1/r), B = 0.
+        pissa: A, B from the top-r SVD of W (Meng et al. 2024); W is replaced by the residual so the
+        layer's output is still unchanged at step 0.
+        """
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
+            nn.init.zeros_(self.lora_B.weight)
+        elif init == "pissa":
+            weight = self._weight_out_in().to(torch.float32)
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            r = self.rank
+            sqrt_s = (s[:r] / self.scaling).sqrt()
+            self.lora_B.weight.copy_(u[:, :r] * sqrt_s)          # (out, r)
+            self.lora_A.weight.copy_(sqrt_s[:, None] * vh[:r])    # (r, in)
+            residual = weight - self.scaling * self.lora_B.weight @ self.lora_A.weight
+            self._set_weight_out_in(residual)
+            # kept to save the adapter as plain LoRA against the original W (see adapter_io)
+            self.pissa_init = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
+        else:
+            raise ValueError(f"init={init!r} is not allowed: choose one of {', '.join(INIT_METHODS)}")
+
+    # ---- the update ---------------------------------------------------------------------------
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _set_weight_out_in(self, w_out_in: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w.data.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling·B·A in float32, in the base weight's orientation ((out, in); (in, out) for Conv1D)."""
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + ΔW, computed in float32 and cast back to W's dtype. Refuses non-finite results."""
+        if self.merged:
+            warnings.warn("LoRA layer is already merged; merge() did nothing", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        merged = weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging would produce NaN or inf weights (the adapter or base weight holds "
+                             "non-finite values); the layer was left unmerged")
+        weight.data.copy_(merged.to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − ΔW, the inverse of :meth:`merge` (exact up to the rounding of W's dtype)."""
+        if not self.merged:
+            warnings.warn("LoRA layer is not merged; unmerge() did nothing", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight.data.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        a = self.lora_A.weight
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        return result + (self.scaling * update).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"scaling={self.scaling:.4g}, rslora={self.rslora}, merged={self.merged}")
