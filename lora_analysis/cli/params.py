@@ -1,0 +1,76 @@
+"""``python -m lora_analysis params``: how many parameters LoRA trains, for a preset, a config or a matrix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+
+from ..params import (DEFAULT_TARGETS, PRESETS, adapter_file_size, build_from_config, build_preset,
+                      estimate_training_memory, lora_parameter_count, matrix_savings, parse_shape)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="count trainable parameters of LoRA versus full fine-tuning",
+                       description="Count LoRA's trainable parameters for a preset architecture, any Hugging "
+                                   "Face config.json, or a single OUTxIN matrix.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="architecture by shape only (no download)")
+    src.add_argument("--config", help="path to a Hugging Face config.json (or a directory holding one)")
+    src.add_argument("--shape", help="a single matrix, OUTxIN (e.g. 1000x1000)")
+    p.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module-name suffixes, or all-linear (default: the preset's "
+                        "attention query/value modules; all-linear for --config)")
+    p.add_argument("--dtype", default="bfloat16", help="training dtype for the memory estimate (default bfloat16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.shape:
+        result = matrix_savings(*parse_shape(args.shape), args.rank)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            out_f, in_f = result["shape"]
+            print(f"{out_f}x{in_f} matrix: full fine-tuning trains {result['full_params']:,} values; LoRA at "
+                  f"r={args.rank} trains r*(d+k) = {result['lora_params']:,} ({result['ratio']:.4g}x fewer, "
+                  f"{result['percent_fewer']:.1f}% fewer)")
+        return 0
+    if args.preset:
+        model, source = build_preset(args.preset), args.preset
+        default_targets = DEFAULT_TARGETS[args.preset]
+    else:
+        model, source = build_from_config(args.config), args.config
+        default_targets = "all-linear"
+    targets = default_targets if args.targets is None else (
+        "all-linear" if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()])
+    count = lora_parameter_count(model, targets, args.rank, args.alpha, args.rslora)
+    memory = estimate_training_memory(count.total - count.lora_params, count.lora_params, args.dtype)
+    file_size = adapter_file_size(count.modules)
+    if args.json:
+        out = {"source": source, "rank": args.rank, "alpha": args.alpha if args.alpha is not None else args.rank,
+               "rslora": args.rslora, "targets": targets, **count.to_dict(),
+               "adapter_file_bytes": file_size,
+               "memory_bytes": {"dtype": args.dtype, "full": memory.full_total, "lora": memory.lora_total,
+                                "by_part": memory.table.to_dict(orient="index")}}
+        print(json.dumps(out, indent=2))
+        return 0
+    table = count.modules.copy()
+    shown = table if len(table) <= 12 else pd.concat([table.head(6), table.tail(6)])
+    print(f"{source}: LoRA r={args.rank} on {targets}")
+    print(shown.to_string(index=False, formatters={"ratio": "{:.1f}x".format, "full_params": "{:,}".format,
+                                                   "lora_params": "{:,}".format}))
+    if len(table) > 12:
+        print(f"... {len(table)} modules in all")
+    print(f"\ntrainable params: {count.trainable:,} || all params: {count.total:,} || "
+          f"trainable%: {count.trainable_percent:.4f}")
+    print(f"adapter file: {file_size / 2**20:.2f} MiB (fp32 safetensors)")
+    gib = 2**30
+    print(f"training memory ({args.dtype}, AdamW, activations excluded): full fine-tuning "
+          f"{memory.full_total / gib:.1f} GiB vs LoRA {memory.lora_total / gib:.1f} GiB ({memory.ratio:.1f}x less)")
+    return 0
