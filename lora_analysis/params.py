@@ -203,6 +203,20 @@ def build_preset(name: str) -> nn.Module:
     return PRESETS[name]()
 
 
+def build_from_config_dict(config: dict) -> nn.Module:
+    """Any Hugging Face config (the parsed ``config.json``) built on the meta device."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a Hugging Face config must be a JSON object, got {type(config).__name__}")
+    return _build_hf(config)
+
+
+def adaptable_module_names(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the Linear/Conv1D modules (what ``targets`` suffixes can name)."""
+    from .lora.layer import is_adaptable
+
+    return sorted({n.rpartition(".")[2] for n, m in model.named_modules() if n and is_adaptable(m)})
+
+
 def build_from_config(path: str | Path) -> nn.Module:
     """Any Hugging Face ``config.json`` built on the meta device."""
     path = Path(path)
@@ -216,7 +230,7 @@ def build_from_config(path: str | Path) -> nn.Module:
         raise ValueError(f"config file '{path}' is not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise ValueError(f"config file '{path}' must hold a JSON object")
-    return _build_hf(config)
+    return build_from_config_dict(config)
 
 
 def lora_parameter_count(model: nn.Module, targets: Targets = ALL_LINEAR, rank: int = 8,
@@ -287,3 +301,26 @@ def adapter_file_size(modules: pd.DataFrame, dtype_bytes: int = 4) -> int:
             offset += size
     text = json.dumps(header, separators=(",", ":"))
     return 8 + len(text) + (-len(text)) % 8 + offset
+
+
+def rank_table(model: nn.Module, targets: Targets, ranks: list[int], dtype: str = "bfloat16") -> pd.DataFrame:
+    """One row per rank: trainable/total parameters, % of full, adapter file size and training memory.
+
+    ``model`` is adapted once (pass a meta-device preset: free to build); every rank's count follows from
+    the targeted shapes, since LoRA trains r·(in + out) values per module.
+    """
+    base_total = sum(p.numel() for p in model.parameters())
+    modules = lora_parameter_count(model, targets, 1).modules
+    smallest = int(modules[["out_features", "in_features"]].min().min())
+    rows = []
+    for r in ranks:
+        if not 1 <= r <= smallest:
+            raise ValueError(f"rank={r} is not allowed here: use 1 to {smallest} (the smallest targeted side)")
+        table = modules.assign(rank=r, lora_params=r * (modules.in_features + modules.out_features))
+        lora = int(table["lora_params"].sum())
+        mem = estimate_training_memory(base_total, lora, dtype)
+        rows.append({"rank": r, "trainable_params": lora, "total_params": base_total + lora,
+                     "base_params": base_total, "trainable_percent": 100.0 * lora / (base_total + lora),
+                     "adapter_bytes": adapter_file_size(table), "memory_full_bytes": mem.full_total,
+                     "memory_lora_bytes": mem.lora_total, "target_full_params": int(table["full_params"].sum())})
+    return pd.DataFrame(rows)
