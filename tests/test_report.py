@@ -25,7 +25,7 @@ def test_plotly_js_inlined_once_and_no_network():
         assert f'id="{div}"' in page
     assert "Report &lt;1&gt;" in page and "Second &lt;section&gt;" in page   # titles escaped
     assert "<td>fc1</td>" in page and "1.235" in page
-    assert '"rank": 4' in page and '"torch"' in page
+    assert '&quot;rank&quot;: 4' in page and '&quot;torch&quot;' in page
 
 
 def test_write_is_atomic(tmp_path):
