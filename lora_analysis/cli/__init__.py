@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # One entry per sub-command module in this package.
-COMMANDS = ("params",)
+COMMANDS = ("params", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

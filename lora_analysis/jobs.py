@@ -1,0 +1,198 @@
+"""Background jobs: long work (training, sweeps) in a separate process that the dashboard only watches.
+
+Streamlit re-runs a page script on every click, so training must not live in it. ``start_job`` writes a
+job spec to ``<home>/jobs/<id>/job.json`` and starts ``python -m lora_analysis.jobs <job dir>`` in its own
+process group. The worker runs the library call and keeps ``progress.json`` up to date; a page polls
+``read_job``. ``cancel_job`` sends SIGTERM: the worker asks the trainer to stop at the next step and the
+run is recorded as cancelled. A worker that died without saying so is reported as interrupted.
+Closing the browser tab changes nothing: the job and its runs live on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .paths import home_dir
+
+TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+
+
+@dataclass
+class Job:
+    """A job as read from disk. ``progress`` holds what the worker last reported (step, total, loss, run)."""
+
+    id: str
+    dir: Path
+    kind: str
+    spec: dict
+    status: str
+    pid: int | None
+    started: float
+    finished: float | None = None
+    error: str | None = None
+    progress: dict = field(default_factory=dict)
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+def jobs_dir(home: Path | None = None) -> Path:
+    return (home or home_dir()) / "jobs"
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (finished, not yet reaped by its parent) is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def start_job(kind: str, spec: dict, home: Path | None = None) -> Job:
+    """Validate ``spec`` for ``kind`` and start the worker process; returns at once."""
+    if kind not in KINDS:
+        raise ValueError(f"job kind {kind!r} is not known: choose one of {', '.join(KINDS)}")
+    KINDS[kind].validate(spec)
+    job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    directory = jobs_dir(home) / job_id
+    directory.mkdir(parents=True)
+    record = {"id": job_id, "kind": kind, "spec": spec, "status": "starting", "pid": None,
+              "started": time.time(), "home": str(home or home_dir())}
+    _write_json(directory / "job.json", record)
+    log = open(directory / "log.txt", "ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_analysis.jobs", str(directory)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    log.close()
+    record.update(pid=proc.pid, status="running")
+    _write_json(directory / "job.json", record)
+    return read_job(directory)
+
+
+def read_job(directory: Path | str) -> Job:
+    directory = Path(directory)
+    record = _read_json(directory / "job.json")
+    if not record:
+        raise ValueError(f"'{directory}' holds no readable job.json")
+    progress = _read_json(directory / "progress.json")
+    status = record.get("status", "running")
+    if status in ("running", "starting") and not _alive(record.get("pid")):
+        # the worker writes its final status before exiting; re-read in case it just did
+        record = _read_json(directory / "job.json") or record
+        status = record.get("status", "running")
+        if status in ("running", "starting"):
+            status = "interrupted"
+    return Job(id=record["id"], dir=directory, kind=record["kind"], spec=record.get("spec", {}), status=status,
+               pid=record.get("pid"), started=record.get("started", 0.0), finished=record.get("finished"),
+               error=record.get("error"), progress=progress, run_ids=record.get("run_ids", []))
+
+
+def list_jobs(home: Path | None = None) -> list[Job]:
+    """All jobs, newest first; unreadable job folders are skipped."""
+    root = jobs_dir(home)
+    jobs = []
+    for d in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+        try:
+            jobs.append(read_job(d))
+        except (ValueError, KeyError):
+            continue
+    return jobs
+
+
+def cancel_job(job: Job) -> None:
+    """Ask the worker to stop (SIGTERM to its process group); the run in progress is marked cancelled."""
+    if job.done:
+        return
+    try:
+        os.killpg(job.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, TypeError):
+        pass
+
+
+# ---- the worker side -----------------------------------------------------------------------------
+
+@dataclass
+class JobKind:
+    """``validate(spec)`` raises ValueError on bad specs (before a process starts); ``run(spec, report,
+    cancelled, home)`` does the work and returns the ids of the runs it made."""
+
+    validate: Callable[[dict], None]
+    run: Callable[..., list[str]]
+
+
+def _sweep_validate(spec: dict) -> None:
+    from .training.sweep import sweep_settings
+    sweep_settings(**spec)
+
+
+def _sweep_run(spec: dict, report, cancelled, home: Path) -> list[str]:
+    from .training.sweep import run_sweep_job
+    return run_sweep_job(spec, progress=report, cancelled=cancelled, home=home)
+
+
+KINDS: dict[str, JobKind] = {"sweep": JobKind(_sweep_validate, _sweep_run)}
+
+
+def _worker(directory: Path) -> int:
+    record = _read_json(directory / "job.json")
+    cancelled = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancelled.set())
+    last = [0.0]
+
+    def report(**progress) -> None:
+        # at most a few writes a second: the page polls about once a second
+        now = time.time()
+        if now - last[0] >= 0.25 or progress.get("final"):
+            last[0] = now
+            _write_json(directory / "progress.json", progress | {"time": now})
+
+    try:
+        run_ids = KINDS[record["kind"]].run(record["spec"], report, cancelled, Path(record["home"]))
+        record.update(status="cancelled" if cancelled.is_set() else "completed", run_ids=run_ids)
+    except Exception as exc:  # recorded for the page, and the traceback goes to the job's log
+        traceback.print_exc()
+        record.update(status="cancelled" if cancelled.is_set() else "failed", error=str(exc))
+    record["finished"] = time.time()
+    _write_json(directory / "job.json", record)
+    return 0 if record["status"] == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(Path(sys.argv[1])))

@@ -1,0 +1,404 @@
+"""The model zoo: a pretrained base plus the fine-tuning data, ready for the trainer (a :class:`Task`).
+
+Built-in, offline, each pretrained once and cached (keyed by its config and a hash of its data):
+  - ``mlp-digits``: a 3-layer MLP (fc1 64→128, fc2 128→256, fc3 256→10) pretrained on scikit-learn's 8×8
+    digits, fine-tuned on *rotated* digits (90°): the frozen base scores near chance there, low-rank
+    LoRA recovers most of the accuracy, full fine-tuning a little more.
+  - ``tiny-gpt``: a byte-level nanoGPT-like decoder (:mod:`.gpt`) pretrained on English (the CPython
+    documentation topics), fine-tuned on Python source from the standard library.
+Any Hugging Face causal LM by hub id or local directory (``AutoModelForCausalLM``) is fine-tuned on a text
+corpus or file as is (it is already pretrained).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .data import (ByteTokenizer, ClassificationSplit, TokenSplit, cache_dir, classification_batch, corpus_text,
+                   read_tabular_csv, read_text_file, sha256_text, split_classification, split_tokens,
+                   token_batch, CORPORA)
+from .gpt import GPTConfig, TinyGPT
+
+BUILTIN_MODELS = ("mlp-digits", "tiny-gpt")
+
+# Defaults that train well on CPU in seconds. LoRA takes a larger learning rate than full fine-tuning:
+# it starts from ΔW = 0 and moves only r·(d+k) values, while full FT must not wreck W0.
+DEFAULTS = {
+    "mlp-digits": {"lr": {"lora": 1e-2, "full": 1e-3}, "steps": 300, "batch_size": 64, "eval_every": 50,
+                   "targets": "all-linear"},
+    "tiny-gpt": {"lr": {"lora": 3e-3, "full": 5e-4}, "steps": 150, "batch_size": 32, "eval_every": 50,
+                 "targets": ["q_proj", "v_proj"]},
+    "hf": {"lr": {"lora": 1e-3, "full": 5e-5}, "steps": 100, "batch_size": 8, "eval_every": 25,
+           "targets": None},
+}
+
+# Default LoRA targets per Hugging Face architecture (``config.model_type``): the attention query and value
+# projections, as in the LoRA paper and PEFT's defaults.
+HF_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+}
+
+Data = Union[ClassificationSplit, TokenSplit]
+
+
+@dataclass
+class Task:
+    """A pretrained base and the data to fine-tune it on.
+
+    ``build_model()`` returns a fresh float32 copy of the base on the CPU each call, so runs of a sweep
+    never share weights. ``kind`` is "classification" (x (B, F) → logits (B, C)) or "causal-lm"
+    (tokens (B, T) → logits (B, T, V)).
+    """
+
+    model_name: str
+    kind: str
+    build_model: Callable[[], nn.Module]
+    data: Data
+    data_name: str
+    defaults: dict
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def default_targets(self):
+        return self.defaults["targets"]
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = model(x) if self.kind == "classification" or isinstance(model, TinyGPT) else model(input_ids=x)
+        return out.logits if hasattr(out, "logits") else out
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.logits(model, x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+    def fingerprint(self) -> str:
+        return sha256_text(self.model_name, self.data_name, self.data.fingerprint(),
+                           json.dumps(self.info.get("pretrain_config", {}), sort_keys=True))
+
+
+def known_models() -> list[str]:
+    return list(BUILTIN_MODELS)
+
+
+# ---- mlp-digits --------------------------------------------------------------------------------------
+
+class DigitsMLP(nn.Module):
+    """x (B, 64) pixel intensities in [0, 1] → logits (B, 10). fc1 64→128, fc2 128→256, fc3 256→10."""
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10, hidden: tuple[int, int] = (128, 256)) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def rotate_digits(x: torch.Tensor) -> torch.Tensor:
+    """Rotate 8×8 images, flattened as (N, 64), by 90° counter-clockwise: the target-domain shift."""
+    return torch.rot90(x.view(-1, 8, 8), 1, (1, 2)).reshape(-1, 64)
+
+
+def digits_splits(seed: int = 0) -> tuple[ClassificationSplit, ClassificationSplit]:
+    """(source, target): the 1,797 digits shuffled (fixed seed) into disjoint halves. Source: upright
+    images, for pretraining. Target: the other images rotated 90°, 80/20 train/val, for fine-tuning."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0    # intensities 0..16 → [0, 1]
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    half = len(x) // 2
+    source = split_classification(x[:half], y[:half], 0.2, seed)
+    target = split_classification(rotate_digits(x[half:]), y[half:], 0.2, seed)
+    return source, target
+
+
+def _csv_splits(path: str, label_column: str | None) -> tuple[ClassificationSplit, ClassificationSplit, list]:
+    """A user's CSV: rows with ``domain == "source"`` pretrain the base, ``domain == "target"`` rows are
+    fine-tuned on. Without a ``domain`` column a fixed random half pretrains and the rest fine-tunes (then
+    there is no shift between the two: the run shows adaptation on data the base already fits)."""
+    table = read_tabular_csv(path, label_column, extra_columns=("domain",))
+    x, y = table.x, table.y
+    if "domain" in table.extra:
+        domain = [str(v).strip().lower() for v in table.extra["domain"]]
+        if set(domain) != {"source", "target"}:
+            raise ValueError(f"CSV file '{path}': the domain column must hold 'source' and 'target' rows "
+                             f"(found {', '.join(sorted(set(domain))[:5])})")
+        source_rows = torch.tensor([d == "source" for d in domain])
+    else:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        source_rows = torch.zeros(len(x), dtype=torch.bool)
+        source_rows[perm[: len(x) // 2]] = True
+    target_rows = ~source_rows
+    # standardise with the source statistics so one learning rate suits any CSV
+    mean, std = x[source_rows].mean(0), x[source_rows].std(0).nan_to_num(1.0).clamp_min(1e-6)
+    x = (x - mean) / std
+    source = split_classification(x[source_rows], y[source_rows], 0.2, 0)
+    target = split_classification(x[target_rows], y[target_rows], 0.2, 0)
+    source.num_classes = target.num_classes = len(table.classes)
+    return source, target, table.classes
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+def _pretrain_mlp(source: ClassificationSplit, steps: int, seed: int) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    model = DigitsMLP(source.x_train.shape[1], source.num_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = classification_batch(source, 64, g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, {"source_val_accuracy": _accuracy(model, source.x_val, source.y_val)}
+
+
+# ---- tiny-gpt ----------------------------------------------------------------------------------------
+
+TINY_GPT = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=128)
+PRETRAIN_STEPS = {"mlp-digits": 400, "tiny-gpt": 800}
+
+
+def _pretrain_gpt(tokens: TokenSplit, config: GPTConfig, steps: int, seed: int,
+                  progress: Callable | None) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    model = TinyGPT(config)
+    base_lr, warmup = 3e-3, max(1, min(50, steps // 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    # linear warm-up, then cosine decay to a tenth: the nanoGPT schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
+                                              0.1 + 0.45 * (1 + torch.cos(torch.tensor(
+                                                  (s - warmup) / max(1, steps - warmup) * torch.pi)).item()))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        x, y = token_batch(tokens.train, tokens.seq_len, 32, g)
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step=step + 1, total=steps, loss=loss.item(), phase="pretrain")
+    model.eval()
+    from .data import token_eval_batches
+    with torch.no_grad():
+        losses = [float(F.cross_entropy(model(x).reshape(-1, config.vocab_size), y.reshape(-1)))
+                  for x, y in token_eval_batches(tokens.val, tokens.seq_len, 64, 16384)]
+    val = sum(losses) / len(losses)
+    return model, {"source_val_loss": val, "source_val_perplexity": float(torch.tensor(val).exp())}
+
+
+# ---- the cache of pretrained bases -----------------------------------------------------------------------
+
+def _cached_base(name: str, pretrain_config: dict, data_hash: str, build: Callable[[], nn.Module],
+                 pretrain: Callable[[], tuple[nn.Module, dict]]) -> tuple[dict, dict]:
+    """The base state dict for (name, config, data): read from the cache when its config and data hash
+    match, else pretrained now and written (temp file + rename, so a crash never leaves half a file)."""
+    key = sha256_text(name, json.dumps(pretrain_config, sort_keys=True), data_hash)[:16]
+    directory = cache_dir() / "bases"
+    weights, meta_path = directory / f"{name}-{key}.safetensors", directory / f"{name}-{key}.json"
+    if weights.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("config") == pretrain_config and meta.get("data_sha256") == data_hash:
+                state = load_file(str(weights))
+                build().load_state_dict(state)   # checks it still fits the architecture
+                return state, {**meta, "cache_file": str(weights), "cache_hit": True}
+        except Exception:  # a damaged cache entry is simply rebuilt
+            pass
+    t0 = time.perf_counter()
+    model, metrics = pretrain()
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"model": name, "config": pretrain_config, "data_sha256": data_hash, "metrics": metrics,
+            "seconds": round(time.perf_counter() - t0, 3), "created": time.time()}
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = f".{os.getpid()}.{time.time_ns()}.tmp"
+    tmp_w, tmp_m = weights.with_name(weights.name + suffix), meta_path.with_name(meta_path.name + suffix)
+    try:
+        save_file(state, str(tmp_w))
+        tmp_m.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_w, weights)
+        os.replace(tmp_m, meta_path)
+    finally:
+        for tmp in (tmp_w, tmp_m):
+            tmp.unlink(missing_ok=True)
+    return state, {**meta, "cache_file": str(weights), "cache_hit": False}
+
+
+def _from_state(build: Callable[[], nn.Module], state: dict) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        model = build()
+        model.load_state_dict(state)
+        return model.float()
+    return make
+
+
+# ---- Hugging Face causal LMs -----------------------------------------------------------------------------
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) is not None
+
+
+def load_hf_causal_lm(name_or_path: str):
+    """(model, tokenizer or None) for a Hugging Face causal LM, local directory first, then the cache,
+    then the Hub (skipped when ``HF_HUB_OFFLINE`` is set). Float32 on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    source = str(local) if local.is_dir() else name_or_path
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ValueError(f"'{local}' is a directory without config.json: not a Hugging Face model folder")
+    attempts = [True] if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") else [True, False]
+    error: Exception | None = None
+    for local_only in attempts:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
+            break
+        except (OSError, ValueError, KeyError) as exc:
+            error = exc
+    else:
+        raise ValueError(f"model {name_or_path!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}) and "
+                         f"could not be loaded as a Hugging Face causal LM: {str(error).splitlines()[0]}")
+    tokenizer = None
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+    if not local.is_dir() or any((local / f).is_file() for f in files):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            if not tokenizer("probe text", add_special_tokens=False)["input_ids"]:
+                tokenizer = None   # a tokenizer without a vocabulary: use bytes instead
+        except Exception:  # no usable tokenizer files: the byte-level fallback (documented in prepare_task)
+            tokenizer = None
+    return model, tokenizer
+
+
+def hf_default_targets(model: nn.Module) -> list[str] | str:
+    return HF_TARGETS.get(getattr(getattr(model, "config", None), "model_type", ""), "all-linear")
+
+
+# ---- one entry point -------------------------------------------------------------------------------------
+
+def _text_for(data: str | None, default: str, text_field: str | None) -> tuple[str, str]:
+    name = data or default
+    if name in CORPORA:
+        return corpus_text(name), name
+    if Path(name).suffix.lower() in (".txt", ".jsonl", ".csv") or Path(name).exists():
+        return read_text_file(name, text_field), str(Path(name).expanduser().resolve())
+    raise ValueError(f"data={name!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a .txt, .jsonl "
+                     "or .csv file")
+
+
+def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | None = None,
+                 seq_len: int | None = None, label_column: str | None = None, text_field: str | None = None,
+                 seed: int = 0, progress: Callable | None = None) -> Task:
+    """Build the :class:`Task` for ``model`` (a built-in name, a Hugging Face hub id, or a local folder).
+
+    ``data``: for ``mlp-digits`` a CSV table (see ``_csv_splits``), default the rotated-digits task; for
+    language models a built-in corpus (``python-docs``, ``python-source``) or a .txt/.jsonl/.csv text file,
+    default ``python-source``. ``pretrain_steps`` shortens pretraining of built-in bases (tests); the
+    cache keys on it. A Hugging Face folder without tokenizer files is fed UTF-8 bytes (modulo the
+    vocabulary size when it is below 256).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model={model!r} is not allowed: give one of {', '.join(BUILTIN_MODELS)}, a Hugging "
+                         "Face hub id or a local model folder")
+    if pretrain_steps is not None and (isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int)
+                                       or pretrain_steps < 1):
+        raise ValueError(f"pretrain_steps={pretrain_steps!r} is not allowed: give an integer >= 1")
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
+        raise ValueError(f"seq_len={seq_len!r} is not allowed: give an integer >= 2")
+
+    if model == "mlp-digits":
+        if data:
+            source, target, classes = _csv_splits(data, label_column)
+            data_name = str(Path(data).expanduser().resolve())
+        else:
+            source, target = digits_splits(0)
+            classes, data_name = [str(i) for i in range(10)], "digits-rot90"
+        n_in, n_out = source.x_train.shape[1], source.num_classes
+        steps = pretrain_steps or PRETRAIN_STEPS[model]
+        cfg = {"arch": "DigitsMLP", "in_features": n_in, "num_classes": n_out, "hidden": [128, 256],
+               "steps": steps, "seed": seed, "lr": 3e-3, "batch_size": 64}
+        build = lambda: DigitsMLP(n_in, n_out)  # noqa: E731
+        state, meta = _cached_base(model, cfg, source.fingerprint(), build,
+                                   lambda: _pretrain_mlp(source, steps, seed))
+        return Task(model, "classification", _from_state(build, state), target, data_name, DEFAULTS[model],
+                    info={"pretrain_config": cfg, "pretrain": meta, "classes": classes})
+
+    if model == "tiny-gpt":
+        config = TINY_GPT if seq_len is None else GPTConfig(**{**TINY_GPT.to_dict(), "block_size": seq_len})
+        tok = ByteTokenizer(config.vocab_size)
+        source_tokens = split_tokens(tok.encode(corpus_text("python-docs")), config.block_size)
+        text, data_name = _text_for(data, "python-source", text_field)
+        target = split_tokens(tok.encode(text), config.block_size)
+        steps = pretrain_steps or PRETRAIN_STEPS[model]
+        cfg = {"arch": "TinyGPT", **config.to_dict(), "corpus": "python-docs", "steps": steps, "seed": seed,
+               "lr": 3e-3, "batch_size": 32}
+        build = lambda: TinyGPT(config)  # noqa: E731
+        state, meta = _cached_base(model, cfg, source_tokens.fingerprint(), build,
+                                   lambda: _pretrain_gpt(source_tokens, config, steps, seed, progress))
+        return Task(model, "causal-lm", _from_state(build, state), target, data_name, DEFAULTS[model],
+                    info={"pretrain_config": cfg, "pretrain": meta, "tokenizer": "bytes"})
+
+    close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.75)
+    if not Path(model).expanduser().exists() and (close or not _looks_like_hub_id(model)):
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model {model!r} is not known: built-in models are {', '.join(BUILTIN_MODELS)}; "
+                         f"otherwise give a Hugging Face hub id or a local model folder.{hint}")
+    hf_model, tokenizer = load_hf_causal_lm(model)
+    vocab = int(hf_model.get_input_embeddings().weight.shape[0])
+    max_len = int(getattr(hf_model.config, "max_position_embeddings", 0) or getattr(hf_model.config, "n_positions", 0)
+                  or 1024)
+    length = seq_len or min(128, max_len)
+    if length > max_len:
+        raise ValueError(f"seq_len={length} is longer than the model's context of {max_len} tokens")
+    text, data_name = _text_for(data, "python-source", text_field)
+    if tokenizer is not None:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        tok_name = type(tokenizer).__name__
+    else:
+        ids, tok_name = ByteTokenizer(vocab).encode(text), f"bytes (mod {vocab})" if vocab < 256 else "bytes"
+    if len(ids) == 0:
+        raise ValueError(f"the tokenizer turned the text of {data_name} into no tokens")
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"the tokenizer gives ids up to {int(ids.max())} but the model's vocabulary has {vocab}")
+    target = split_tokens(ids, length)
+    local = Path(model).expanduser()
+    ref = str(local.resolve()) if local.is_dir() else model
+    defaults = {**DEFAULTS["hf"], "targets": hf_default_targets(hf_model)}
+
+    def make() -> nn.Module:
+        return copy.deepcopy(hf_model)   # the loaded base stays untouched; each run trains its own copy
+    return Task(ref, "causal-lm", make, target, data_name, defaults, base_model_name_or_path=ref,
+                task_type="CAUSAL_LM", info={"tokenizer": tok_name, "model_type": hf_model.config.model_type,
+                                             "pretrain_config": {"hf": ref}})

@@ -1,0 +1,57 @@
+"""``python -m lora_analysis train | sweep | runs``."""
+
+from __future__ import annotations
+
+import json
+
+from lora_analysis import runstore
+from lora_analysis.cli import main
+
+
+def test_train_prints_a_summary_and_writes_a_run(lora_home, capsys):
+    assert main(["train", "--model", "mlp-digits", "--rank", "4", "--alpha", "16", "--steps", "60", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "val_accuracy: frozen base" in out and "trainable params: 3,368" in out
+    (run,) = runstore.list_runs()
+    assert run.config["rank"] == 4 and run.status == "completed"
+
+
+def test_train_json_and_failure_exit_code(lora_home, capsys):
+    assert main(["train", "--method", "full", "--lr", "1e12", "--steps", "50", "-q", "--json"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert record["status"] == "failed" and "lower the learning rate" in record["error"]
+
+
+def test_bad_inputs_are_one_line_errors(lora_home, capsys, tmp_path):
+    assert main(["train", "--model", "mlp-digit", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model 'mlp-digit' is not known") and err.count("\n") == 1
+    assert main(["train", "--lr", "0", "-q"]) == 2
+    assert "lr=0.0 is not allowed" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny-gpt", "--data", str(tmp_path / "none.txt"), "-q"]) == 2
+    assert "none.txt' does not exist" in capsys.readouterr().err
+    assert not (lora_home / "runs").exists()
+
+
+def test_sweep_and_runs_commands(lora_home, capsys, tmp_path):
+    out_dir = tmp_path / "runs"
+    assert main(["sweep", "--ranks", "1,4", "--alphas", "16", "--full-ft", "--steps", "20", "--out", str(out_dir),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs" in out and "LoRA r=4 α=16" in out and "full FT" in out
+    assert len(runstore.list_runs(out_dir)) == 3
+    assert main(["runs", "list", "--runs-dir", str(out_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["name"] for r in rows) == ["LoRA r=1 α=16", "LoRA r=4 α=16", "full FT"]
+    run_id = rows[0]["id"]
+    assert main(["runs", "show", run_id, "--runs-dir", str(out_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == run_id
+    assert main(["runs", "export", run_id, "--to", str(tmp_path / "b.zip"), "--runs-dir", str(out_dir)]) == 0
+    assert main(["runs", "delete", run_id, "--runs-dir", str(out_dir)]) == 0
+    assert len(runstore.list_runs(out_dir)) == 2
+    assert main(["runs", "import", str(tmp_path / "b.zip"), "--runs-dir", str(out_dir)]) == 0
+    assert len(runstore.list_runs(out_dir)) == 3
+    capsys.readouterr()
+    assert main(["runs", "--runs-dir", str(tmp_path / "empty")]) == 0
+    assert "no runs in" in capsys.readouterr().out
+    assert main(["runs", "show", "nope", "--runs-dir", str(out_dir)]) == 2

@@ -1,0 +1,144 @@
+"""The model zoo, its data and the device choice: shapes, the shifted digits task, the pretraining cache,
+users' files with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_analysis.device import available_devices, pick_device
+from lora_analysis.training import data as D
+from lora_analysis.training.gpt import GPTConfig, TinyGPT
+from lora_analysis.training.models import DigitsMLP, digits_splits, prepare_task, rotate_digits
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == available_devices()[0]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' is not available on this machine: available are auto"):
+            pick_device("cuda")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        pick_device("tpu")
+
+
+def test_tiny_gpt_shapes_and_causality():
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(block_size=16, n_layer=2, n_embd=32, n_head=4)).eval()
+    idx = torch.randint(0, 256, (2, 10))
+    logits = model(idx)
+    assert logits.shape == (2, 10, 256)
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 256
+    # a later token never changes earlier logits
+    torch.testing.assert_close(model(changed)[:, :7], logits[:, :7])
+    assert not torch.allclose(model(changed)[:, 7], logits[:, 7])
+    with pytest.raises(ValueError, match="longer than block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_digits_task_is_a_real_shift():
+    source, target = digits_splits()
+    assert source.x_train.shape[1] == 64 and len(source.x_train) + len(source.x_val) + len(target.x_train) \
+        + len(target.x_val) == 1797
+    img = torch.arange(64.0).view(1, 64)
+    assert rotate_digits(img).view(8, 8)[0].tolist() == img.view(8, 8)[:, 7].tolist()
+    assert torch.equal(rotate_digits(rotate_digits(rotate_digits(rotate_digits(img)))), img)
+
+
+def test_pretrained_base_is_cached_by_config_and_data(lora_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ANALYSIS_HOME", str(tmp_path / "fresh"))
+    first = prepare_task("mlp-digits", pretrain_steps=30)
+    assert first.info["pretrain"]["cache_hit"] is False
+    meta_path = tmp_path / "fresh" / "cache" / "bases"
+    files = sorted(p.name for p in meta_path.iterdir())
+    assert len(files) == 2 and not any(f.endswith(".tmp") for f in files)
+    meta = json.loads(next(meta_path.glob("*.json")).read_text())
+    assert meta["config"]["steps"] == 30 and len(meta["data_sha256"]) == 64
+    second = prepare_task("mlp-digits", pretrain_steps=30)
+    assert second.info["pretrain"]["cache_hit"] is True
+    a, b = first.build_model().state_dict(), second.build_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert prepare_task("mlp-digits", pretrain_steps=31).info["pretrain"]["cache_hit"] is False
+    # a damaged cache file is rebuilt, not trusted
+    Path(first.info["pretrain"]["cache_file"]).write_bytes(b"garbage")
+    assert prepare_task("mlp-digits", pretrain_steps=30).info["pretrain"]["cache_hit"] is False
+    # the base is well trained on its own upright digits
+    assert isinstance(first.build_model(), DigitsMLP)
+
+
+def test_base_is_good_on_source_and_bad_on_the_shifted_target(lora_home):
+    task = prepare_task("mlp-digits")
+    assert task.info["pretrain"]["metrics"]["source_val_accuracy"] > 0.9
+    model = task.build_model()
+    with torch.no_grad():
+        acc = (model(task.data.x_val).argmax(-1) == task.data.y_val).float().mean()
+    assert acc < 0.3
+
+
+def test_corpora_differ_and_tokenise_per_byte():
+    docs, code = D.python_docs_text(), D.python_source_text()
+    assert len(docs) > 100_000 and len(code) > 100_000
+    assert code.count("def ") / len(code) > 10 * docs.count("def ") / len(docs)
+    tok = D.ByteTokenizer()
+    assert tok.encode("hé").tolist() == [104, 195, 169] and tok.decode(tok.encode("hé")) == "hé"
+    assert D.ByteTokenizer(100).encode("hé").tolist() == [4, 95, 69]
+    x, y = D.token_batch(torch.arange(100), 8, 4, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 8) and torch.equal(y, x + 1)
+
+
+def test_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    assert D.read_text_file(tmp_path / "a.txt") == "hello world"
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert D.read_text_file(tmp_path / "a.jsonl") == "one\n\ntwo"
+    (tmp_path / "a.csv").write_text("id,content\n1,alpha\n2,beta\n")
+    assert D.read_text_file(tmp_path / "a.csv") == "alpha\n\nbeta"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "does not exist"),
+    ("empty.txt", b"", "is empty"),
+    ("blank.txt", b"   \n\n", "holds no text"),
+    ("bin.txt", b"\x00\x01\x02binary", "looks binary"),
+    ("latin.txt", "café".encode("latin-1"), "is not UTF-8 text"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "line 2 is not valid JSON"),
+    ("nofield.jsonl", b'{"body2": "x"}\n', "line 1 has no text/content/body/code field"),
+    ("nocol.csv", b"a,b\n1,2\n", "has no text column"),
+    ("data.pdf", b"%PDF", "has suffix '.pdf'"),
+])
+def test_bad_text_files_name_the_file_and_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        D.read_text_file(path)
+    assert name in str(err.value)
+
+
+def test_user_csv_for_classification(lora_home, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    label = (x[:, 0] + x[:, 1] > 0).long()
+    rows = ["f1,f2,f3,label,domain"] + [f"{a:.4f},{b:.4f},{c:.4f},{'yes' if l else 'no'},"
+                                          f"{'source' if i % 2 else 'target'}"
+                                          for i, ((a, b, c), l) in enumerate(zip(x.tolist(), label.tolist()))]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    task = prepare_task("mlp-digits", str(tmp_path / "t.csv"))
+    assert task.info["classes"] == ["no", "yes"] and task.data.x_train.shape[1] == 3
+    assert len(task.data.x_train) + len(task.data.x_val) == 100
+    (tmp_path / "bad.csv").write_text("f1,label\n1.0,a\nabc,b\n")
+    with pytest.raises(ValueError, match=r"bad.csv': row 3, column 'f1' holds 'abc', not a number"):
+        prepare_task("mlp-digits", str(tmp_path / "bad.csv"))
+    (tmp_path / "one.csv").write_text("f1,label\n1.0,a\n2.0,a\n")
+    with pytest.raises(ValueError, match="has only one class"):
+        prepare_task("mlp-digits", str(tmp_path / "one.csv"))
+    (tmp_path / "nolabel.csv").write_text("f1,f2\n1,2\n")
+    with pytest.raises(ValueError, match="has no column 'y'"):
+        D.read_tabular_csv(tmp_path / "nolabel.csv", "y")
+    (tmp_path / "garbled.csv").write_bytes(b'a,b\n"1,2\n\x00\x00')
+    with pytest.raises(ValueError, match="garbled.csv"):
+        prepare_task("mlp-digits", str(tmp_path / "garbled.csv"))
