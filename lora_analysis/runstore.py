@@ -43,6 +43,8 @@ from .weights import ModuleUpdate
 STATUSES = ("running", "completed", "failed", "interrupted", "cancelled")
 RUN_FILE, METRICS_FILE = "run.json", "metrics.csv"
 ADAPTER_DIR, FULL_WEIGHTS, BASE_WEIGHTS = "adapter", "full_weights.safetensors", "base_weights.safetensors"
+# every parameter of a fully fine-tuned model (biases and norms too), kept when small, to restore the model
+FULL_MODEL = "full_model.safetensors"
 HEARTBEAT_STALE_S = 300.0          # a "running" run silent for this long is reported as interrupted
 ALLOWED_SUFFIXES = (".json", ".csv", ".safetensors", ".txt")
 MAX_BUNDLE_BYTES = 2 * 2**30       # uncompressed size limit of an imported zip

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # One entry per sub-command module in this package.
-COMMANDS = ("params", "train")
+COMMANDS = ("params", "train", "spectra")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -57,31 +59,35 @@ def plot_memory(table: pd.DataFrame, title: str = "Training memory (activations 
 def plot_lora_diagram(out_features: int, in_features: int, rank: int) -> go.Figure:
     """The LoRA picture with real shapes: frozen W (d×k) beside the trainable B (d×r) · A (r×k).
 
-    Box sizes are drawn to scale on a square-root scale so a small r stays visible.
+    W is drawn as a square-ish block with the true d:k aspect; B and A are drawn thin, their thickness
+    growing with log r, so the picture stays readable for any rank. The numbers are exact.
     """
     d, k, r = out_features, in_features, rank
-    scale = 3.0 / max(d, k) ** 0.5
-    hd, wk, wr = d**0.5 * scale, k**0.5 * scale, max(r**0.5 * scale, 0.12)
+    height = 2.0
+    width = max(0.6, min(4.0, height * k / d))
+    thin = min(0.12 + 0.06 * math.log2(r), 0.6) if r > 1 else 0.12
     fig = go.Figure()
 
-    def box(x0, y0, w, h, color, label, sub):
-        fig.add_shape(type="rect", x0=x0, y0=y0, x1=x0 + w, y1=y0 + h, fillcolor=color, opacity=0.85,
-                      line={"color": "#333", "width": 1})
-        fig.add_annotation(x=x0 + w / 2, y=y0 + h + 0.18, text=f"<b>{label}</b><br>{sub}", showarrow=False,
-                           font={"size": 12})
+    def box(x0, y0, w, h, color):
+        fig.add_shape(type="rect", x0=x0, y0=y0, x1=x0 + w, y1=y0 + h, fillcolor=color, opacity=0.9,
+                      line={"color": "#444", "width": 1})
 
-    box(0, 0, wk, hd, COLORS["frozen"], "W (frozen)", f"{d:,}×{k:,} = {d * k:,}")
-    fig.add_annotation(x=wk + 0.35, y=hd / 2, text="<b>+</b>", showarrow=False, font={"size": 26})
-    x_b = wk + 0.7
-    box(x_b, 0, wr, hd, COLORS["lora"], "B", f"{d:,}×{r}")
-    fig.add_annotation(x=x_b + wr + 0.2, y=hd / 2, text="<b>·</b>", showarrow=False, font={"size": 26})
-    x_a = x_b + wr + 0.4
-    box(x_a, hd - wr, wk, wr, COLORS["lora"], "A", f"{r}×{k:,}")
+    def label(x, y, text, anchor="center"):
+        fig.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor=anchor, font={"size": 13})
+
+    box(0, 0, width, height, COLORS["frozen"])
+    label(width / 2, height / 2, f"<b>W</b> (frozen)<br>{d:,} × {k:,}<br>{d * k:,} values")
+    label(width + 0.35, height / 2, "<b>+</b>")
+    x_b = width + 0.7
+    box(x_b, 0, thin, height, COLORS["lora"])
+    label(x_b + thin / 2, -0.22, f"<b>B</b><br>{d:,} × {r}")
+    x_a = x_b + thin + 0.25
+    box(x_a, height - thin, width, thin, COLORS["lora"])
+    label(x_a + width / 2, height + 0.3, f"<b>A</b>  {r} × {k:,}")
     lora = r * (d + k)
-    fig.add_annotation(x=(x_b + x_a + wk) / 2, y=-0.35, showarrow=False,
-                       text=f"trainable: r·(d+k) = {lora:,} ({d * k / lora:.1f}× fewer than d·k)",
-                       font={"size": 12})
-    fig.update_xaxes(visible=False, range=[-0.2, x_a + wk + 0.2])
-    fig.update_yaxes(visible=False, range=[-0.6, hd + 0.7], scaleanchor="x")
-    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 40, "b": 10}, showlegend=False)
-    return apply_style(fig, f"h = W·x + (α/r)·B·A·x   (r = {r})")
+    label(x_a + width / 2, height / 2 - 0.25,
+          f"trainable: r·(d+k)<br><b>{lora:,}</b> values<br>{d * k / lora:,.1f}× fewer than d·k")
+    fig.update_xaxes(visible=False, range=[-0.2, x_a + width + 0.2])
+    fig.update_yaxes(visible=False, range=[-0.7, height + 0.6], scaleanchor="x")
+    fig.update_layout(height=440, margin={"l": 10, "r": 10, "t": 50, "b": 10}, showlegend=False)
+    return apply_style(fig, f"h = W·x + (α/r)·B·A·x   with r = {r}")

@@ -16,7 +16,7 @@ def apply_style(fig: go.Figure, title: str | None = None) -> go.Figure:
     """Apply the house template and a title; returns the same figure."""
     fig.update_layout(template="plotly_white", title={"text": title, "x": 0.01} if title else None,
                       font={"family": "Inter, Helvetica, Arial, sans-serif", "size": 13},
-                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+                      legend={"font": {"size": 11}, "tracegroupgap": 2},
                       margin={"l": 60, "r": 20, "t": 70, "b": 50} if fig.layout.margin.l is None else None,
                       hoverlabel={"font_size": 12})
     return fig

@@ -187,3 +187,39 @@ def plot_cost_comparison(runs: pd.DataFrame, costs: tuple[str, ...] = ("training
                              hovertemplate="%{x}<br>%{y:.3g}<extra></extra>"), row=1, col=col)
     fig.update_layout(margin={"l": 60, "r": 20, "t": 90, "b": 120})
     return apply_style(fig, title)
+
+
+def plot_update_norm(norms: pd.DataFrame, x: str = "alpha", title: str | None = None) -> go.Figure:
+    """‖ΔW‖_F (all adapted modules together) of each run against ``x`` ("alpha" or "rank"), one line per
+    rank or alpha (and scaling), full fine-tuning as a dashed line. ``norms``: one row per run with method,
+    rank, alpha, rslora and ``delta_norm`` (√ of the sum of the modules' ‖ΔW‖_F²)."""
+    _need(norms, ["method", x, "delta_norm"], "plot_update_norm")
+    other = "rank" if x == "alpha" else "alpha"
+    fig = go.Figure()
+    for i, (label, group) in enumerate(_lora_groups(norms, [other, "rslora"])):
+        group = group.dropna(subset=[x]).sort_values(x)
+        fig.add_trace(go.Scatter(x=group[x], y=group["delta_norm"], mode="lines+markers", name=label,
+                                 line={"color": SEQUENCE[(i + 2) % len(SEQUENCE)]},
+                                 hovertemplate=f"{x}=%{{x:g}}<br>‖ΔW‖_F %{{y:.4g}}<extra>{label}</extra>"))
+    full = norms[norms["method"] == "full"]
+    if len(full):
+        fig.add_hline(y=float(full["delta_norm"].iloc[0]), line={"color": COLORS["full"], "dash": "dash"},
+                      annotation_text=f"full fine-tuning {float(full['delta_norm'].iloc[0]):.3g}",
+                      annotation_position="top left")
+    fig.update_xaxes(type="log", title="alpha α" if x == "alpha" else "rank r")
+    fig.update_yaxes(type="log", title="‖ΔW‖_F over all adapted modules")
+    return apply_style(fig, title or f"Size of the learned update versus {'alpha' if x == 'alpha' else 'rank'}")
+
+
+def plot_task_metrics(table: pd.DataFrame, metric: str = "val_accuracy",
+                      title: str | None = None) -> go.Figure:
+    """Bars of the task metric per model variant (frozen base, LoRA unmerged, LoRA merged, full
+    fine-tuning). ``table``: one row per variant with ``variant`` and ``metric``."""
+    _need(table, ["variant", metric], "plot_task_metrics")
+    colors = {"frozen base": COLORS["base"], "LoRA (unmerged)": COLORS["lora"], "LoRA (merged)": COLORS["merged"],
+              "full fine-tuning": COLORS["full"]}
+    fig = go.Figure(go.Bar(x=table["variant"], y=table[metric], text=[f"{v:.4g}" for v in table[metric]],
+                           textposition="outside", marker_color=[colors.get(v, COLORS["random"]) for v in table["variant"]],
+                           hovertemplate="%{x}<br>" + _label(metric) + " %{y:.5g}<extra></extra>"))
+    fig.update_yaxes(title=_label(metric), rangemode="tozero")
+    return apply_style(fig, title or f"Task metric: base, LoRA and full fine-tuning ({_label(metric)})")

@@ -409,5 +409,9 @@ def _save_weights(writer: runstore.RunWriter, cfg: TrainConfig, task: Task, mode
     else:
         modules = dict(model.named_modules())
         writer.save_tensors(runstore.FULL_WEIGHTS, {n: _weight_out_in(modules[n]) for n in w0})
+        state = model.state_dict()
+        if sum(t.numel() * 4 for t in state.values()) <= MAX_BASE_WEIGHTS_BYTES:
+            # clones: safetensors refuses tensors that share memory (tied embeddings)
+            writer.save_tensors(runstore.FULL_MODEL, {k: v.detach().clone() for k, v in state.items()})
     if sum(w.numel() * 4 for w in w0.values()) <= MAX_BASE_WEIGHTS_BYTES:
         writer.save_tensors(runstore.BASE_WEIGHTS, w0)

@@ -1,0 +1,229 @@
+"""Which rank each module needs, as a ready PEFT config, and shrinking a trained adapter to it.
+
+Rank advice: per module, the smallest k whose top-k singular values hold a chosen share of ΔW's energy
+Σσ² (``energy=0.9`` → rank_90). Exported as PEFT ``LoraConfig`` keyword arguments (JSON-ready dict) and as
+a ``LoraConfig(...)`` snippet.
+
+Rank reduction (as kohya's resize_lora, but exact about the scaling): from the factored SVD
+ΔW = U·S·Vᵀ keep the top k and split the singular values evenly between the factors,
+
+    B' = U_k·√S_k / √s',   A' = √S_k·V_kᵀ / √s',   so  s'·B'·A' = U_k·S_k·V_kᵀ,
+
+where s' is the new scaling (α'/k, or α'/√k with rsLoRA). ``alpha_mode="ratio"`` keeps α/r fixed
+(α' = α·k/r); ``"fixed"`` keeps α (so the scaling grows as the rank shrinks; the factors absorb it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter
+from ..lora.layer import compute_scaling
+from ..weights import ModuleUpdate
+from .spectra import cumulative_energy, energy_rank, factored_svd, update_spectrum
+
+ALPHA_MODES = ("ratio", "fixed")
+
+
+def _check_alpha_mode(alpha_mode: str) -> None:
+    if alpha_mode not in ALPHA_MODES:
+        raise ValueError(f"alpha_mode={alpha_mode!r} is not allowed: 'ratio' keeps alpha/r fixed, 'fixed' keeps "
+                         "alpha fixed")
+
+
+def _check_rank(rank, what: str = "rank") -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{what}={rank!r} is not allowed: a LoRA rank must be an integer ≥ 1")
+
+
+def _mode(values: Iterable) -> float:
+    """Most common value; ties go to the larger (fewer modules then need a pattern entry upward)."""
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], v))
+
+
+def _retained(singular_values, k: int) -> float:
+    cum = cumulative_energy(singular_values)
+    if not len(cum) or cum[-1] == 0:
+        return 1.0   # a zero update loses nothing at any rank
+    return float(cum[min(k, len(cum)) - 1])
+
+
+# ---- advice --------------------------------------------------------------------------------------
+
+def rank_advice(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], energy: float = 0.9,
+                min_rank: int = 1, max_rank: int | None = None) -> pd.DataFrame:
+    """Per module, the smallest rank holding ``energy`` of Σσ², clipped to [min_rank, max_rank].
+
+    Rows: name, out_features, in_features, kind, rank (current; None for full fine-tuning), advised_rank,
+    retained_energy (share of Σσ² the advised rank keeps), fro_norm. A zero update gets ``min_rank``.
+    """
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy={energy!r} is not allowed: the energy share must be in (0, 1]")
+    _check_rank(min_rank, "min_rank")
+    if max_rank is not None:
+        _check_rank(max_rank, "max_rank")
+    items = list(updates.values()) if isinstance(updates, Mapping) else list(updates)
+    rows = []
+    for u in items:
+        s = update_spectrum(u).S
+        k = max(energy_rank(s, energy), min_rank)
+        k = min(k, max_rank) if max_rank is not None else k
+        k = min(k, min(u.shape))
+        rows.append({"name": u.name, "out_features": u.shape[0], "in_features": u.shape[1], "kind": u.kind,
+                     "rank": u.rank, "advised_rank": int(k), "retained_energy": _retained(s, k),
+                     "fro_norm": float(torch.linalg.vector_norm(s))})
+    return pd.DataFrame(rows, columns=["name", "out_features", "in_features", "kind", "rank", "advised_rank",
+                                       "retained_energy", "fro_norm"])
+
+
+def peft_config_from_advice(advice: pd.DataFrame, alpha_mode: str = "ratio", ratio: float = 1.0,
+                            alpha: float | None = None, target_modules: list[str] | str | None = None,
+                            dropout: float = 0.0, use_rslora: bool = False) -> dict:
+    """PEFT ``LoraConfig`` keyword arguments for the ranks in ``advice`` (from :func:`rank_advice`).
+
+    ``r`` is the most common advised rank; modules that differ go in ``rank_pattern`` (full module names,
+    which PEFT matches as name suffixes). ``alpha_mode="ratio"``: α = ratio·r for every module (same α/r
+    scaling everywhere; differing α in ``alpha_pattern``); ``"fixed"``: one α for all (``alpha``, default
+    ratio·r), no ``alpha_pattern``. ``target_modules`` defaults to the modules' last name parts
+    (``["q_proj", "v_proj"]``); pass the source adapter's list to select exactly the same modules.
+    """
+    _check_alpha_mode(alpha_mode)
+    if advice.empty:
+        raise ValueError("rank advice is empty: no module to configure")
+    ranks = {str(n): int(k) for n, k in zip(advice["name"], advice["advised_rank"])}
+    r = int(_mode(ranks.values()))
+    rank_pattern = {n: k for n, k in ranks.items() if k != r}
+    if alpha_mode == "ratio":
+        lora_alpha = float(ratio * r)
+        alpha_pattern = {n: float(ratio * k) for n, k in rank_pattern.items()}
+    else:
+        lora_alpha = float(ratio * r if alpha is None else alpha)
+        alpha_pattern = {}
+    if target_modules is None:
+        target_modules = sorted({n.rpartition(".")[2] for n in ranks})
+    return {"r": r, "lora_alpha": lora_alpha, "target_modules": target_modules, "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "lora_dropout": float(dropout), "use_rslora": bool(use_rslora),
+            "bias": "none"}
+
+
+def peft_config_snippet(config: Mapping) -> str:
+    """Python source that builds ``config`` (from :func:`peft_config_from_advice`) with PEFT."""
+    lines = ["from peft import LoraConfig", "", "config = LoraConfig("]
+    for key, value in config.items():
+        lines.append(f"    {key}={value!r},")
+    lines.append(")")
+    return "\n".join(lines) + "\n"
+
+
+# ---- rank reduction -------------------------------------------------------------------------------
+
+@dataclass
+class ReducedAdapter:
+    """A rank-reduced adapter in memory.
+
+    Attributes:
+        config: the new ``adapter_config.json`` content (the source's, with r, lora_alpha, rank_pattern and
+            alpha_pattern updated).
+        factors: {module: (A' (k, in), B' (out, k))} in the source adapter's dtype.
+        scalings: {module: s'}.
+        extra: modules_to_save tensors copied from the source.
+        report: one row per module: name, rank, new_rank, alpha, new_alpha, scaling, new_scaling,
+            retained_energy (share of Σσ² kept), fro_error (‖ΔW − ΔW'‖_F, = √ of the dropped Σσ²).
+    """
+
+    config: dict
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scalings: dict[str, float]
+    extra: dict[str, torch.Tensor]
+    report: pd.DataFrame
+
+    def updates(self) -> dict[str, ModuleUpdate]:
+        """The reduced adapter as LoRA :class:`ModuleUpdate`s (no W0)."""
+        return {n: ModuleUpdate(n, lora_A=a, lora_B=b, scaling=self.scalings[n]) for n, (a, b) in self.factors.items()}
+
+
+def reduce_rank(adapter: Adapter, rank: int | Mapping[str, int], alpha_mode: str = "ratio") -> ReducedAdapter:
+    """Truncate every module of ``adapter`` to rank ``rank`` (one int, or ``{module: rank}`` for all
+    modules) by the SVD of its factored ΔW. A rank at or above the module's rank keeps it whole (still
+    re-factored through the SVD, so ΔW is reproduced to rounding). Raises ``ValueError`` for a rank < 1 or
+    a mapping that misses a module.
+    """
+    _check_alpha_mode(alpha_mode)
+    if isinstance(rank, Mapping):
+        missing = sorted(set(adapter.modules) - set(rank))
+        if missing:
+            raise ValueError(f"rank mapping has no entry for modules {missing[:5]}")
+        for name, k in rank.items():
+            _check_rank(k, f"rank for module '{name}'")
+    else:
+        _check_rank(rank)
+    rslora = adapter.config.rslora
+    factors, scalings, rows = {}, {}, []
+    for name, m in adapter.modules.items():
+        k = min(rank[name] if isinstance(rank, Mapping) else rank, m.rank, *m.shape)
+        spec = factored_svd(m.lora_A, m.lora_B, m.scaling).top(k)
+        new_alpha = m.alpha * k / m.rank if alpha_mode == "ratio" else m.alpha
+        new_scaling = compute_scaling(k, new_alpha, rslora)
+        root = (spec.S / new_scaling).sqrt()                  # √(S_k / s')
+        b = spec.U * root                                     # (out, k)
+        a = root[:, None] * spec.V.T                          # (k, in)
+        factors[name] = (a.to(m.lora_A.dtype).contiguous(), b.to(m.lora_B.dtype).contiguous())
+        scalings[name] = new_scaling
+        full = factored_svd(m.lora_A, m.lora_B, m.scaling).S
+        kept = float((spec.S ** 2).sum())
+        total = float((full ** 2).sum())
+        rows.append({"name": name, "rank": m.rank, "new_rank": k, "alpha": m.alpha, "new_alpha": new_alpha,
+                     "scaling": m.scaling, "new_scaling": new_scaling,
+                     "retained_energy": kept / total if total > 0 else 1.0,
+                     "fro_error": math.sqrt(max(total - kept, 0.0))})
+    report = pd.DataFrame(rows)
+    new_ranks = dict(zip(report["name"], report["new_rank"].astype(int)))
+    new_alphas = dict(zip(report["name"], report["new_alpha"].astype(float)))
+    r = int(_mode(new_ranks.values()))
+    lora_alpha = float(_mode(a for n, a in new_alphas.items() if new_ranks[n] == r))
+    config = dict(adapter.raw_config)
+    config.update({"r": r, "lora_alpha": lora_alpha,
+                   "rank_pattern": {n: int(k) for n, k in new_ranks.items() if k != r},
+                   "alpha_pattern": {n: a for n, a in new_alphas.items() if a != lora_alpha}})
+    return ReducedAdapter(config, factors, scalings, dict(adapter.extra), report)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_reduced_adapter(reduced: ReducedAdapter, directory: str | os.PathLike) -> Path:
+    """Write ``reduced`` as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``
+    with keys ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``), each file atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, (a, b) in reduced.factors.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    for key, value in reduced.extra.items():
+        state[f"{PREFIX}{key}"] = value.contiguous()
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    text = json.dumps(reduced.config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return directory

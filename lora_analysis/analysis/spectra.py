@@ -1,0 +1,224 @@
+"""Singular spectra of learned updates ΔW, and the numbers that summarise them.
+
+Conventions
+-----------
+* Every matrix is in ``nn.Linear`` orientation, (out, in). For a LoRA update ΔW = s·B·A with
+  A: (r, in), B: (out, r), s = scaling.
+* A :class:`Spectrum` holds the thin SVD ΔW = U·diag(S)·Vᵀ: ``U`` (out, k) left singular vectors
+  (output-side directions), ``S`` (k,) descending, ``V`` (in, k) right singular vectors (input-side
+  directions), k = rank of the factorisation (r for LoRA, min(out, in) for dense matrices).
+* LoRA spectra are computed *factored* and never build the dense (out, in) matrix:
+  B = Q_B·R_B, Aᵀ = Q_A·R_A (reduced QR), so ΔW = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ; the SVD of the small
+  r×r core, U_c·S·V_cᵀ, gives U = Q_B·U_c, V = Q_A·V_c. Cost O((out + in)·r²) instead of
+  O(out·in·min(out, in)).
+
+Precision
+---------
+Factored SVDs always run in float64: the work is tiny and the small core of a near-zero update needs the
+extra digits. Dense SVDs run in float64 up to ``DENSE_FLOAT64_MAX`` elements (2048×2048) and in float32
+above, where float64 would double memory and time for digits the metrics do not use (σ to ~1e-6
+relative). Pass ``dtype=`` to force one.
+
+Zero updates
+------------
+A zero ΔW (B = 0 at initialisation) has no spectrum to speak of. Its metrics are defined, not NaN:
+all norms 0, stable rank 0, effective rank 0, rank_90 = rank_99 = 0 (no direction is needed to hold
+90 % of zero energy) and a normalised spectrum of zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..weights import ModuleUpdate
+
+DENSE_FLOAT64_MAX = 2048 * 2048
+# Singular values at or below this share of σ₁ are rounding noise of a rank-deficient matrix.
+_ZERO_TOL = 1e-12
+
+
+@dataclass
+class Spectrum:
+    """Thin SVD M = U·diag(S)·Vᵀ of one (out, in) matrix.
+
+    Attributes:
+        U: (out, k) left singular vectors (orthonormal columns), output-side directions.
+        S: (k,) singular values, descending, ≥ 0.
+        V: (in, k) right singular vectors (orthonormal columns), input-side directions.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.U.shape[0]), int(self.V.shape[0])
+
+    def top(self, k: int) -> "Spectrum":
+        """The first k triplets."""
+        return Spectrum(self.U[:, :k], self.S[:k], self.V[:, :k])
+
+    def dense(self) -> torch.Tensor:
+        """U·diag(S)·Vᵀ as a dense (out, in) matrix (for tests and small matrices)."""
+        return (self.U * self.S) @ self.V.T
+
+
+def factored_svd(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0) -> Spectrum:
+    """SVD of ΔW = scaling·B·A without forming ΔW, in float64.
+
+    Args:
+        lora_A: A, (r, in).
+        lora_B: B, (out, r).
+        scaling: s (α/r or α/√r).
+
+    Returns:
+        :class:`Spectrum` with k = min(r, out, in) triplets; U (out, k), S (k,), V (in, k).
+    """
+    if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not form B·A "
+                         "(need A (r, in) and B (out, r))")
+    a = lora_A.detach().to("cpu", torch.float64)
+    b = lora_B.detach().to("cpu", torch.float64)
+    q_b, r_b = torch.linalg.qr(b, mode="reduced")       # (out, kb), (kb, r)
+    q_a, r_a = torch.linalg.qr(a.T, mode="reduced")     # (in, ka), (ka, r)
+    core = float(scaling) * (r_b @ r_a.T)               # (kb, ka): ΔW = Q_B·core·Q_Aᵀ
+    u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
+    return Spectrum(q_b @ u_c, s, q_a @ vh_c.T)
+
+
+def dense_svd(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> Spectrum:
+    """Thin SVD of a dense (out, in) matrix.
+
+    ``dtype`` None picks float64 up to ``DENSE_FLOAT64_MAX`` elements and float32 above (see the module
+    docstring). The result is on the CPU.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-D (out, in) matrix, got shape {tuple(matrix.shape)}")
+    if dtype is None:
+        dtype = torch.float64 if matrix.numel() <= DENSE_FLOAT64_MAX else torch.float32
+    u, s, vh = torch.linalg.svd(matrix.detach().to("cpu", dtype), full_matrices=False)
+    return Spectrum(u, s, vh.T)
+
+
+def update_spectrum(update: ModuleUpdate) -> Spectrum:
+    """Spectrum of ΔW for one module: factored for LoRA, dense ΔW = W_ft − W0 for full fine-tuning.
+
+    The full fine-tuning difference is taken in float64 when the matrix is small enough (see
+    ``dense_svd``), so the subtraction itself does not lose the digits of a small update.
+    """
+    if update.kind == "lora":
+        return factored_svd(update.lora_A, update.lora_B, update.scaling)
+    dtype = torch.float64 if update.w_ft.numel() <= DENSE_FLOAT64_MAX else torch.float32
+    return dense_svd(update.w_ft.detach().to("cpu", dtype) - update.w0.detach().to("cpu", dtype), dtype)
+
+
+def base_spectrum(update: ModuleUpdate) -> Spectrum:
+    """Spectrum of the base weight W0 (raises ``ValueError`` when the update has no W0)."""
+    if update.w0 is None:
+        raise ValueError(f"module '{update.name}' has no base weight W0: load the base model (e.g. --base) "
+                         "for analyses that compare with W0")
+    return dense_svd(update.w0)
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+def _as_numpy(singular_values) -> np.ndarray:
+    if isinstance(singular_values, torch.Tensor):
+        singular_values = singular_values.detach().to("cpu", torch.float64).numpy()
+    s = np.asarray(singular_values, dtype=np.float64).ravel()
+    if np.any(s < 0) or not np.all(np.isfinite(s)):
+        raise ValueError("singular values must be finite and ≥ 0")
+    return np.sort(s)[::-1]
+
+
+def cumulative_energy(singular_values) -> np.ndarray:
+    """Share of Σσ² held by the top-k directions, k = 1..len(σ); zeros for a zero matrix."""
+    s = _as_numpy(singular_values)
+    energy = np.cumsum(s**2)
+    total = energy[-1] if len(energy) else 0.0
+    return energy / total if total > 0 else np.zeros_like(energy)
+
+
+def energy_rank(singular_values, share: float) -> int:
+    """Smallest k with Σ_{i≤k} σ_i² ≥ share·Σσ² (0 for a zero matrix). ``share`` in (0, 1]."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share={share!r} is not allowed: the energy share must be in (0, 1]")
+    cum = cumulative_energy(singular_values)
+    if not len(cum) or cum[-1] == 0:
+        return 0
+    # the tolerance keeps share=1.0 (or a share hit exactly) from failing on the last rounding bit
+    return int(np.searchsorted(cum, share - 1e-12) + 1)
+
+
+def effective_rank(singular_values) -> float:
+    """Roy & Vetterli (2007): exp(−Σ p_k ln p_k), p_k = σ_k / Σσ; 0 for a zero matrix."""
+    s = _as_numpy(singular_values)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def stable_rank(singular_values) -> float:
+    """‖M‖_F² / ‖M‖_2² = Σσ² / σ₁²; 0 for a zero matrix."""
+    s = _as_numpy(singular_values)
+    if not len(s) or s[0] <= 0:
+        return 0.0
+    return float(np.sum(s**2) / s[0] ** 2)
+
+
+def spectrum_metrics(singular_values) -> dict:
+    """All per-module numbers of one spectrum.
+
+    Returns a dict: ``fro_norm`` (√Σσ²), ``spectral_norm`` (σ₁), ``stable_rank``, ``effective_rank``,
+    ``rank_90`` / ``rank_99`` (directions needed for 90 % / 99 % of Σσ²), ``numerical_rank`` (σ above
+    1e-12·σ₁), ``normalized_spectrum`` (σ/σ₁ as a list; zeros for a zero matrix) and
+    ``singular_values`` (list, descending).
+    """
+    s = _as_numpy(singular_values)
+    top = float(s[0]) if len(s) else 0.0
+    return {
+        "fro_norm": float(np.sqrt(np.sum(s**2))),
+        "spectral_norm": top,
+        "stable_rank": stable_rank(s),
+        "effective_rank": effective_rank(s),
+        "rank_90": energy_rank(s, 0.90),
+        "rank_99": energy_rank(s, 0.99),
+        "numerical_rank": int(np.sum(s > _ZERO_TOL * top)) if top > 0 else 0,
+        "normalized_spectrum": (s / top).tolist() if top > 0 else np.zeros_like(s).tolist(),
+        "singular_values": s.tolist(),
+    }
+
+
+def module_spectrum_row(update: ModuleUpdate, spectrum: Spectrum | None = None) -> dict:
+    """One row of :func:`spectra_frame` for ``update`` (pass ``spectrum`` if already computed)."""
+    spectrum = update_spectrum(update) if spectrum is None else spectrum
+    out_f, in_f = update.shape
+    return {"name": update.name, "kind": update.kind, "out_features": out_f, "in_features": in_f,
+            "shape": [out_f, in_f], "rank": update.rank, "scaling": update.scaling,
+            **spectrum_metrics(spectrum.S)}
+
+
+SPECTRA_COLUMNS = ["name", "kind", "out_features", "in_features", "shape", "rank", "scaling", "fro_norm",
+                   "spectral_norm", "stable_rank", "effective_rank", "rank_90", "rank_99", "numerical_rank",
+                   "normalized_spectrum", "singular_values"]
+
+
+def _as_updates(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> list[ModuleUpdate]:
+    return list(updates.values()) if isinstance(updates, Mapping) else list(updates)
+
+
+def spectra_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> pd.DataFrame:
+    """One row per module: name, kind ("lora"/"full"), out_features, in_features, shape [out, in], rank
+    (None for full fine-tuning), scaling, the :func:`spectrum_metrics` numbers, and
+    ``singular_values`` of the scaled ΔW (a list, descending)."""
+    rows = [module_spectrum_row(u) for u in _as_updates(updates)]
+    return pd.DataFrame(rows, columns=SPECTRA_COLUMNS)

@@ -1,0 +1,67 @@
+"""Rebuild what a run trained: its task, the base model, and the fine-tuned model (LoRA unmerged, or the
+fully fine-tuned weights), plus held-out inputs, for analyses that need a working model (merge checks,
+latency, task metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import runstore
+from ..lora import load_adapter
+from .data import ClassificationSplit
+from .models import Task, prepare_task
+from .trainer import evaluate
+
+
+@dataclass
+class RestoredRun:
+    run: runstore.Run
+    task: Task
+    model: nn.Module        # LoRA runs: base + adapter, unmerged; full runs: the fine-tuned model
+
+    def base_model(self) -> nn.Module:
+        return self.task.build_model().eval()
+
+    def held_out_inputs(self, n: int = 64) -> torch.Tensor:
+        """Validation inputs: (n, features) for classification, (n', seq_len) token windows for LMs."""
+        data = self.task.data
+        if isinstance(data, ClassificationSplit):
+            return data.x_val[:n]
+        seq = data.seq_len
+        windows = data.val[: (len(data.val) // seq) * seq].view(-1, seq)
+        return windows[: max(1, min(n // 8, len(windows)))]
+
+    def metric(self, model: nn.Module) -> dict[str, float]:
+        """The run's validation metrics (loss plus accuracy or perplexity) for ``model``."""
+        return evaluate(self.task, model, torch.device("cpu"), batch_size=32,
+                        max_eval_tokens=int(self.run.config.get("max_eval_tokens") or 16384))
+
+
+def task_for_run(run: runstore.Run) -> Task:
+    c = run.config
+    return prepare_task(c["model"], c.get("data"), pretrain_steps=c.get("pretrain_steps"), seq_len=c.get("seq_len"),
+                        label_column=c.get("label_column"), text_field=c.get("text_field"))
+
+
+def restore_run(run: runstore.Run | str, task: Task | None = None) -> RestoredRun:
+    """The run's fine-tuned model on the CPU in float32, in eval mode. ``task`` may be passed to reuse one."""
+    run = run if isinstance(run, runstore.Run) else runstore.load_run(run)
+    if run.status != "completed":
+        raise ValueError(f"run {run.id} is {run.status}: only completed runs can be restored")
+    task = task or task_for_run(run)
+    model = task.build_model()
+    if run.method == "lora":
+        load_adapter(model, run.dir / runstore.ADAPTER_DIR)
+    elif (run.dir / runstore.FULL_MODEL).is_file():
+        state = runstore._read_tensors(run.dir / runstore.FULL_MODEL)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"run {run.id}: its saved weights do not fit the base model ({exc})") from exc
+    else:
+        raise ValueError(f"run {run.id} kept only the adapted weights (its model was too large to store whole), "
+                         "so the fully fine-tuned model cannot be rebuilt")
+    return RestoredRun(run, task, model.eval())

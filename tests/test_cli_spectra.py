@@ -1,0 +1,140 @@
+"""``python -m lora_analysis spectra`` / ``similarity`` through ``lora_analysis.cli.main``: values checked against
+a directly computed SVD."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lora_analysis import apply_lora, save_adapter
+from lora_analysis.cli import main
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(16, 16), "up": nn.Linear(16, 24)})
+                                    for _ in range(2))
+
+    def forward(self, x):
+        return x
+
+
+def _make(tmp_path, name, rank=4, alpha=8.0, seed=0):
+    torch.manual_seed(0)
+    base = Net()
+    model = apply_lora(Net().requires_grad_(False), ["q_proj", "up"], rank=rank, alpha=alpha)
+    model.load_state_dict(base.state_dict(), strict=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if hasattr(layer, "lora_B"):
+                layer.lora_B.weight.normal_()
+    save_adapter(model, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    return model, tmp_path / name
+
+
+def test_spectra_json_matches_direct_svd(tmp_path, capsys):
+    model, path = _make(tmp_path, "ad")
+    assert main(["spectra", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "skipped" in captured.err and "--base" in captured.err
+    assert out["amplification"] is None and set(out["skipped"]) == {"amplification", "intruders"}
+    modules = {m["name"]: m for m in out["modules"]}
+    assert set(modules) == {"blocks.0.q_proj", "blocks.0.up", "blocks.1.q_proj", "blocks.1.up"}
+    layer = model.blocks[1]["up"]
+    delta = layer.delta_weight().detach().double()
+    s = torch.linalg.svdvals(delta)
+    m = modules["blocks.1.up"]
+    assert m["shape"] == [24, 16] and m["rank"] == 4 and m["scaling"] == pytest.approx(2.0)
+    np.testing.assert_allclose(m["singular_values"], s[:4].numpy(), rtol=1e-5)
+    assert m["singular_values"] == sorted(m["singular_values"], reverse=True)
+    assert m["fro_norm"] == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-6)
+    assert m["spectral_norm"] == pytest.approx(float(s[0]), rel=1e-6)
+    assert m["stable_rank"] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
+    p = s[:4] / s[:4].sum()
+    assert m["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+    cum = (s[:4] ** 2).cumsum(0) / (s[:4] ** 2).sum()
+    assert m["rank_90"] == int((cum < 0.9).sum()) + 1 and m["rank_99"] == int((cum < 0.99).sum()) + 1
+
+
+def test_spectra_with_base_includes_amplification_and_intruders(tmp_path, capsys):
+    _, path = _make(tmp_path, "ad")
+    assert main(["spectra", str(path), "--base", str(tmp_path / "base.safetensors"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["skipped"] == {} and len(out["amplification"]) == 4
+    assert out["amplification"][0]["amplification"] > 0
+    assert out["intruders"]["k"] == 10 and out["intruders"]["total"] == sum(
+        m["intruders"] for m in out["intruders"]["modules"])
+
+
+def test_spectra_table_and_html(tmp_path, capsys):
+    _, path = _make(tmp_path, "ad")
+    report = tmp_path / "report.html"
+    assert main(["spectra", str(path), "--base", str(tmp_path / "base.safetensors"), "--html", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.0.q_proj" in text and "effective_rank" in text and "Amplification" in text
+    html = report.read_text()
+    assert html.count("<script type='text/javascript'>") == 1      # plotly.js inlined once
+    assert "<script src=" not in html and html.count("Plotly.newPlot") >= 4   # nothing fetched
+    assert not list(tmp_path.glob(".report.html.*"))
+    assert main(["spectra", str(path)]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_spectra_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    _, path = _make(tmp_path, "ad")
+    save_file({"blocks.0.q_proj.weight": torch.zeros(16, 15)}, str(tmp_path / "bad.safetensors"))
+    assert main(["spectra", str(path), "--base", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "blocks.0.q_proj" in err and err.count("\n") == 1
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    assert main(["spectra", str(path)]) == 2
+    assert "adapter_model.bin" in capsys.readouterr().err
+    (path / "adapter_model.bin").unlink()
+    assert main(["spectra", str(path), "--json"]) == 2
+    assert "no adapter_model.safetensors" in capsys.readouterr().err
+
+
+def test_similarity_json(tmp_path, capsys):
+    _make(tmp_path, "one", rank=4, seed=1)
+    _make(tmp_path, "same", rank=4, seed=2)            # same A (seed 0 init), different B
+    assert main(["similarity", str(tmp_path / "one"), str(tmp_path / "same"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["side"] == "A" and out["summary"]["modules"] == 4
+    mod = out["modules"]["blocks.0.q_proj"]
+    assert np.array(mod["phi"]).shape == (4, 4) and mod["d"] == 16
+    assert mod["phi_full"] == pytest.approx(1.0)      # identical A matrices span the same row space
+    assert main(["similarity", str(tmp_path / "one"), str(tmp_path / "same"), "--side", "output"]) == 0
+    assert "phi_top1" in capsys.readouterr().out
+
+
+def test_gpt2_conv1d_adapter_with_model_dir_and_flat_safetensors_base(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from lora_analysis.analysis.amplification import projection_norm
+    from lora_analysis.analysis.spectra import factored_svd
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    model = apply_lora(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), ["c_attn", "c_proj"], rank=2)
+    with torch.no_grad():
+        for layer in model.modules():
+            if hasattr(layer, "lora_B"):
+                layer.lora_B.weight.normal_()
+    save_adapter(model, tmp_path / "ad")
+    results = []
+    for base in (tmp_path / "gpt2", tmp_path / "gpt2" / "model.safetensors"):
+        assert main(["spectra", str(tmp_path / "ad"), "--base", str(base), "--json"]) == 0
+        results.append({m["name"]: m for m in json.loads(capsys.readouterr().out)["amplification"]})
+    name = "transformer.h.0.attn.c_proj"                     # square Conv1D: only fan_in_fan_out tells
+    layer = model.get_submodule(name)
+    spec = factored_svd(layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.scaling)
+    want = projection_norm(layer.base_layer.weight.detach().T, spec.U, spec.V)   # W0 as (out, in)
+    for res in results:
+        assert res[name]["proj_delta"] == pytest.approx(want, rel=1e-6)
