@@ -59,7 +59,8 @@ def amplification(update: ModuleUpdate, r: int | None = None, seed: int = 0,
                          "so it needs the base model")
     delta = update_spectrum(update) if delta is None else delta
     out_f, in_f = update.shape
-    r = (update.rank if update.kind == "lora" else DEFAULT_FULL_R) if r is None else r
+    if r is None:  # the default never exceeds the matrix (a 10-class head has at most 10 directions)
+        r = min(update.rank if update.kind == "lora" else DEFAULT_FULL_R, out_f, in_f)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(out_f, in_f):
         raise ValueError(f"r={r!r} is not allowed for module '{update.name}': r must be an integer from 1 to "
                          f"{min(out_f, in_f)}")

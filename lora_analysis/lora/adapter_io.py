@@ -38,6 +38,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; adapters are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

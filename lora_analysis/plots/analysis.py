@@ -280,5 +280,20 @@ def spectra_figures(spectra: pd.DataFrame) -> list[go.Figure]:
 
 __all__: Sequence[str] = ["parse_module_name", "plot_amplification", "plot_amplification_table",
                           "plot_cumulative_energy", "plot_intruders_vs_epsilon", "plot_latency", "plot_merge_errors",
-                          "plot_rank_heatmap", "plot_rank_sweep_spectra", "plot_similarity_heatmap",
+                          "plot_base_overlap", "plot_rank_heatmap", "plot_rank_sweep_spectra", "plot_similarity_heatmap",
                           "plot_singular_values", "rank_grid", "spectra_figures"]
+
+
+def plot_base_overlap(overlap: pd.DataFrame, title: str = "How much ΔW's top directions lie in W0's") -> go.Figure:
+    """φ between ΔW's and W0's top-k singular directions against k, output side (U) and input side (V),
+    with the random-subspace baselines k/d dotted. ``overlap``: :func:`lora_analysis.analysis.base_overlap`."""
+    fig = go.Figure()
+    for side, color in (("output", COLORS["lora"]), ("input", COLORS["merged"])):
+        fig.add_trace(go.Scatter(x=overlap["k"], y=overlap[f"phi_{side}"], mode="lines+markers", name=f"{side} side",
+                                 line={"color": color}, hovertemplate="k=%{x}<br>φ=%{y:.3f}<extra>" + side + "</extra>"))
+        fig.add_trace(go.Scatter(x=overlap["k"], y=overlap[f"baseline_{side}"], mode="lines",
+                                 name=f"random ({side})", line={"color": color, "dash": "dot", "width": 1},
+                                 hovertemplate="random baseline k/d = %{y:.3g}<extra></extra>"))
+    fig.update_xaxes(title="top-k directions of ΔW and of W0")
+    fig.update_yaxes(title="φ(k, k)", range=[0, 1.02])
+    return apply_style(fig, title)

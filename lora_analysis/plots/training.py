@@ -69,11 +69,16 @@ def plot_loss_curves(metrics: pd.DataFrame, y: str = "train_loss", title: str | 
     """One line per run of ``y`` against step. ``metrics``: long frame with name (or run_id), method, step
     and ``y`` (rows where ``y`` is missing, e.g. val_* between evaluations, are dropped). ``smooth`` > 1
     draws a centred rolling mean over that many steps."""
-    key = "name" if "name" in metrics.columns else "run_id"
+    key = "run_id" if "run_id" in metrics.columns else "name"
     _need(metrics, [key, "step", y], "plot_loss_curves")
     fig = go.Figure()
     lora_i = 0
-    for name, group in metrics.dropna(subset=[y]).groupby(key, sort=False):
+    names = metrics.groupby(key, sort=False)["name"].first() if "name" in metrics.columns else None
+    repeated = set(names[names.duplicated()]) if names is not None else set()
+    for run_key, group in metrics.dropna(subset=[y]).groupby(key, sort=False):
+        # runs of different sweeps often share a name ("full FT"): tell them apart by their id
+        name = run_key if names is None else names[run_key]
+        name = f"{name} · {str(run_key)[-6:]}" if name in repeated else name
         group = group.sort_values("step")
         values = group[y].rolling(smooth, min_periods=1, center=True).mean() if smooth > 1 else group[y]
         method = group["method"].iloc[0] if "method" in group.columns else "lora"

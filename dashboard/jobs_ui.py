@@ -1,0 +1,49 @@
+"""A live panel for one background job: progress bar, current step and loss, cancel button.
+
+While the job runs, the panel polls the job's files once a second inside an ``st.fragment`` (only the
+panel re-runs); when the job ends it re-runs the page once so the charts pick up the new runs, and stops
+polling.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from lora_analysis import jobs
+
+
+def _show(job: jobs.Job) -> None:
+    p = job.progress
+    total = max(int(p.get("total", 0) or 0), 1)
+    done = min(int(p.get("done", 0) or 0), total)
+    if job.status == "running":
+        st.progress(done / total, text=f"{p.get('message') or 'starting…'}  ({done}/{total} steps)")
+    elif job.status == "completed":
+        st.success(f"Done: {len(job.run_ids)} runs written to the run store. Spectra, Rank & alpha effects, "
+                   "Subspaces and Merge equivalence now show them.", icon=":material/check_circle:")
+    elif job.status == "failed":
+        st.error(f"The job failed: {job.error}")
+    else:
+        st.warning(f"The job was {job.status}; the runs it finished are kept in the run store.")
+
+
+def job_panel(job_id: str) -> None:
+    try:
+        job = jobs.read_job(jobs.jobs_dir() / job_id)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    if job.done:
+        _show(job)
+        return
+
+    @st.fragment(run_every=1.0)
+    def live() -> None:
+        current = jobs.read_job(jobs.jobs_dir() / job_id)
+        if current.done:
+            st.rerun()          # the whole page, once: new runs appear everywhere, polling stops
+        _show(current)
+        if st.button("Cancel", key=f"cancel_{job_id}", icon=":material/stop:"):
+            jobs.cancel_job(current)
+
+    live()

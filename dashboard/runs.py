@@ -1,0 +1,78 @@
+"""Run-store access for the pages, with caching close to the loaders.
+
+Listing runs is cheap (a few JSON files) and always fresh. What is slow (reading tensors, SVDs) is
+cached per run id and the run's last-modified time, so a re-run of a page costs nothing and a new or
+changed run is picked up at once.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from lora_analysis import runstore
+from lora_analysis.analysis.spectra import spectra_frame
+from lora_analysis.weights import ModuleUpdate
+
+
+def all_runs() -> list[runstore.Run]:
+    """Every run in the store, newest first (never cached: a finished job shows at once)."""
+    return runstore.list_runs()
+
+
+def clear_caches() -> None:
+    _updates.clear()
+    _spectra.clear()
+
+
+def run_label(run: runstore.Run) -> str:
+    return f"{run.name} · {run.id[-6:]}"
+
+
+def completed(runs: list[runstore.Run]) -> list[runstore.Run]:
+    return [r for r in runs if r.status == "completed"]
+
+
+def _stamp(run: runstore.Run) -> float:
+    try:
+        return (run.dir / "run.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_resource(max_entries=64, show_spinner="Reading the run's weights…")
+def _updates(run_dir: str, stamp: float) -> dict[str, ModuleUpdate]:
+    # read-only tensors shared by sessions; nothing mutates them
+    return runstore.load_updates(run_dir)
+
+
+def updates_for(run: runstore.Run) -> dict[str, ModuleUpdate]:
+    return _updates(str(run.dir), _stamp(run))
+
+
+
+@st.cache_data(max_entries=128, show_spinner="Computing singular spectra…")
+def _spectra(run_dir: str, stamp: float) -> pd.DataFrame:
+    return spectra_frame(_updates(run_dir, stamp))
+
+
+def spectra_for(run: runstore.Run) -> pd.DataFrame:
+    """Per-module spectra of one run, with run columns (run, method, rank, alpha) for cross-run charts."""
+    frame = _spectra(str(run.dir), _stamp(run)).copy()
+    return frame.assign(run=run_label(run), run_id=run.id, method=run.method,
+                        run_rank=run.config.get("rank") if run.method == "lora" else None,
+                        alpha=run.config.get("alpha") if run.method == "lora" else None)
+
+
+
+def latest_sweep(runs: list[runstore.Run]) -> list[runstore.Run]:
+    """The completed runs of the newest sweep (or all completed runs when none belongs to a sweep)."""
+    done = completed(runs)
+    sweep = next((r.sweep_id for r in done if r.sweep_id), None)
+    return [r for r in done if r.sweep_id == sweep] if sweep else done
+
+
+def empty_store_message() -> None:
+    st.info("The run store has no completed runs yet. Run the quick demo on **Home** (about half a minute on "
+            "a CPU) or launch runs on **Fine-tune**; they show here.", icon=":material/info:")
+    st.page_link("views/home.py", label="Go to Home and run the quick demo", icon=":material/play_arrow:")

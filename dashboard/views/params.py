@@ -1,0 +1,124 @@
+"""Parameter savings: what LoRA trains, per rank, for a preset, an uploaded config or one matrix."""
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.common import chart, fmt_bytes, guarded, read_json_upload
+from lora_analysis import params as P
+from lora_analysis.plots.params import plot_lora_diagram, plot_memory, plot_percent_vs_rank, plot_trainable_vs_rank
+
+RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SEED_EXAMPLES = [(5, 5, 1), (10, 10, 1), (1000, 1000, 2), (512, 64, 8)]
+
+
+@st.cache_data(show_spinner="Counting parameters…", max_entries=64)
+def cached_rank_table(source: str, config_json: str, targets: tuple[str, ...], ranks: tuple[int, ...],
+                      dtype: str) -> pd.DataFrame:
+    return P.rank_table(build(source, config_json), list(targets), list(ranks), dtype)
+
+
+@st.cache_data(max_entries=64)
+def cached_modules(source: str, config_json: str) -> list[str]:
+    return P.adaptable_module_names(build(source, config_json))
+
+
+@st.cache_data(max_entries=64)
+def cached_module_table(source: str, config_json: str, targets: tuple[str, ...], rank: int) -> pd.DataFrame:
+    return P.lora_parameter_count(build(source, config_json), list(targets), rank).modules
+
+
+def build(source: str, config_json: str):
+    # a fresh meta-device model each call: apply_lora mutates it, so it is never shared
+    return P.build_preset(source) if source else P.build_from_config_dict(json.loads(config_json))
+
+
+def page() -> None:
+    st.title("Parameter savings")
+    st.caption("LoRA trains r·(d+k) values per adapted d×k weight instead of d·k. Counts are exact: presets are "
+               "built from their shapes on PyTorch's meta device (nothing is downloaded or allocated) and "
+               "totals include the LoRA parameters, as PEFT's print_trainable_parameters does.")
+    mode = st.radio("Count for", ["Preset architecture", "Hugging Face config.json", "One matrix"],
+                    horizontal=True, key="params_mode")
+    if mode == "One matrix":
+        return matrix_mode()
+
+    source, config_json = "", ""
+    if mode == "Preset architecture":
+        source = st.selectbox("Architecture", sorted(P.PRESETS), index=sorted(P.PRESETS).index("llama-2-7b"),
+                              key="params_preset")
+        default_targets = P.DEFAULT_TARGETS[source]
+    else:
+        upload = st.file_uploader("config.json of any Hugging Face model", type=["json"], key="params_config")
+        if upload is None:
+            st.info("Upload a config.json (JSON only) to count its parameters.")
+            return
+        with guarded("reading the config") as g:
+            config_json = json.dumps(read_json_upload(upload, "config.json"))
+        if g.failed:
+            return
+        default_targets = None
+
+    with guarded("building the model's shapes") as g:
+        names = cached_modules(source, config_json)
+    if g.failed:
+        return
+    defaults = [t for t in (default_targets or ["q_proj", "v_proj", "query", "value", "c_attn"]) if t in names]
+    col1, col2, col3 = st.columns([3, 3, 1])
+    targets = col1.multiselect("Target modules", names, default=defaults or names[:1], key="params_targets")
+    ranks = col2.multiselect("Ranks", RANKS, default=[1, 2, 4, 8, 16, 32, 64], key="params_ranks")
+    dtype = col3.selectbox("Training dtype", ["bfloat16", "float16", "float32"], key="params_dtype")
+    if not targets or not ranks:
+        st.warning("Choose at least one target module and one rank.")
+        return
+    with guarded("counting parameters"):
+        table = cached_rank_table(source, config_json, tuple(targets), tuple(sorted(ranks)), dtype)
+        chosen = st.select_slider("Rank for the details below", options=list(table["rank"]),
+                                  value=8 if 8 in list(table["rank"]) else int(table["rank"].iloc[0]),
+                                  key="params_rank")
+        row = table.set_index("rank").loc[chosen]
+        c = st.columns([1, 1.3, 0.9, 0.9])
+        c[0].metric("Trainable (LoRA)", f"{int(row.trainable_params):,}")
+        c[1].metric("All parameters", f"{int(row.total_params):,}")
+        c[2].metric("Trainable share", f"{row.trainable_percent:.4f} %")
+        c[3].metric("Adapter file (fp32)", fmt_bytes(row.adapter_bytes))
+        left, right = st.columns(2)
+        with left:
+            chart(plot_trainable_vs_rank(table))
+        with right:
+            chart(plot_percent_vs_rank(table))
+        mem = P.estimate_training_memory(int(row.base_params), int(row.trainable_params), dtype)
+        left, right = st.columns([2, 3])
+        with left:
+            chart(plot_memory(mem.table))
+            st.caption(f"Full fine-tuning needs {mem.ratio:.1f}× the memory of LoRA at r={chosen} "
+                       f"(weights, gradients, AdamW states; activations excluded: they depend on batch and "
+                       f"sequence length and are similar for both).")
+        with right:
+            modules = cached_module_table(source, config_json, tuple(targets), int(chosen))
+            st.markdown(f"**Per-module table at r={chosen}** ({len(modules)} modules)")
+            st.dataframe(modules, hide_index=True, height=360,
+                         column_config={"ratio": st.column_config.NumberColumn(format="%.1f×")})
+        st.download_button("Download the rank table (CSV)", table.to_csv(index=False), "lora_rank_table.csv",
+                           "text/csv", key="params_csv")
+
+
+def matrix_mode() -> None:
+    c = st.columns(3)
+    out_f = c[0].number_input("d (out features)", 1, 1_000_000, 1000, key="params_d")
+    in_f = c[1].number_input("k (in features)", 1, 1_000_000, 1000, key="params_k")
+    rank = c[2].number_input("rank r", 1, 100_000, 2, key="params_r")
+    with guarded("counting"):
+        res = P.matrix_savings(int(out_f), int(in_f), int(rank))
+        m = st.columns(3)
+        m[0].metric("Full fine-tuning (d·k)", f"{res['full_params']:,}")
+        m[1].metric("LoRA (r·(d+k))", f"{res['lora_params']:,}")
+        m[2].metric("Fewer values", f"{res['ratio']:.4g}×", f"-{res['percent_fewer']:.1f} %", delta_color="inverse")
+        chart(plot_lora_diagram(int(out_f), int(in_f), int(rank)))
+    st.markdown("**The seeds' examples, recomputed**")
+    st.dataframe(pd.DataFrame([P.matrix_savings(d, k, r) for d, k, r in SEED_EXAMPLES]).assign(
+        shape=lambda t: t["shape"].map(lambda s: f"{s[0]}×{s[1]}")), hide_index=True)
+
+
+page()

@@ -1,0 +1,86 @@
+"""Reports: a self-contained HTML report of chosen runs and analyses; run bundles out and in."""
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard.common import MAX_UPLOAD_BYTES, guarded
+from dashboard.runs import all_runs, clear_caches, completed, latest_sweep, run_label
+from lora_analysis import runstore
+from lora_analysis.report import render_report
+from lora_analysis.run_report import PARTS, report_sections, run_configs
+
+
+@st.cache_data(max_entries=8, show_spinner="Building the report…")
+def build_report(_runs, key: tuple, parts: tuple[str, ...]) -> str:
+    return render_report("lora-analysis report", report_sections(_runs, parts), configs=run_configs(_runs),
+                         subtitle=f"{len(_runs)} runs: " + ", ".join(r.name for r in _runs))
+
+
+def report_section(runs) -> None:
+    st.subheader("HTML report")
+    st.caption("One file, plotly.js inlined once: it opens offline in any browser with every chart interactive, "
+               "and carries the runs' configs and environment.")
+    labels = {run_label(r): r for r in runs}
+    chosen = st.multiselect("Runs", list(labels), default=[run_label(r) for r in latest_sweep(runs)],
+                            key="rep_runs")
+    parts = st.multiselect("Analyses", list(PARTS), default=list(PARTS), key="rep_parts")
+    if not chosen or not parts:
+        st.warning("Choose at least one run and one analysis.")
+        return
+    if st.button("Build the report", type="primary", key="rep_build", icon=":material/description:"):
+        selected = [labels[k] for k in chosen]
+        with guarded("building the report"):
+            st.session_state["rep_html"] = build_report(selected, tuple(r.id for r in selected), tuple(parts))
+    html = st.session_state.get("rep_html")
+    if html:
+        st.success(f"Report ready: {len(html) / 2**20:.1f} MiB.")
+        st.download_button("Download report.html", html, "lora-analysis-report.html", "text/html", key="rep_dl")
+
+
+def bundle_section(runs) -> None:
+    st.subheader("Share a run")
+    labels = {run_label(r): r for r in runs}
+    run = labels[st.selectbox("Run to export", list(labels), key="rep_export_run")]
+    with guarded("exporting the run"), tempfile.TemporaryDirectory() as tmp:
+        path = runstore.export_run(run, Path(tmp) / f"{run.id}.zip")
+        st.download_button(f"Download {path.name} ({path.stat().st_size / 2**10:.0f} KiB)", path.read_bytes(),
+                           path.name, "application/zip", key="rep_export_dl")
+
+
+def import_section() -> None:
+    st.subheader("Import a run someone shared")
+    upload = st.file_uploader("A run bundle (.zip of JSON, CSV and safetensors files; nothing else is accepted)",
+                              type=["zip"], key="rep_import")
+    if upload is None:
+        return
+    marker = f"{upload.name}:{upload.size}:{upload.file_id}"
+    if st.session_state.get("rep_imported") == marker:
+        st.success("Imported: the run now shows on every page.")
+        return
+    with guarded("importing the bundle"):
+        if upload.size > MAX_UPLOAD_BYTES:
+            raise ValueError(f"{upload.name} is {upload.size / 2**20:.0f} MiB: bundles over "
+                             f"{MAX_UPLOAD_BYTES // 2**20} MiB go through the CLI (runs import)")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bundle.zip"
+            path.write_bytes(upload.getvalue())
+            run = runstore.import_run(path)
+        clear_caches()
+        st.session_state["rep_imported"] = marker
+        st.success(f"Imported run '{run.name}' ({run.id}): it now shows on every page.")
+
+
+def page() -> None:
+    st.title("Reports")
+    runs = completed(all_runs())
+    if runs:
+        report_section(runs)
+        bundle_section(runs)
+    else:
+        st.info("No completed runs yet: run the quick demo on Home, or import a run bundle below.")
+    import_section()
+
+
+page()
