@@ -118,7 +118,8 @@ def assert_clean(page, where: str) -> None:
 
 
 def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # tall: Streamlit scrolls inside its own container, so a "full page" shot is only the viewport
+    page = browser.new_page(viewport={"width": 1280, "height": 1800})
     page.goto(url)
     wait_idle(page)
     return page

@@ -100,7 +100,7 @@ def runs_view() -> None:
         for label, f in frames.items():
             row = f[f["name"] == module].iloc[0]
             run = labels[label]
-            rows.append({"label": "full FT" if row["kind"] == "full" else f"r={row['rank']} · {label}",
+            rows.append({"label": label,
                          "kind": row["kind"], "singular_values": row["singular_values"], "rank_90": row["rank_90"],
                          "rank": row["rank"] if row["kind"] == "lora" else 10**9, "run": run.id})
         sweep = pd.DataFrame(rows).sort_values("rank")

@@ -125,9 +125,11 @@ def plot_rank_sweep_spectra(runs: pd.DataFrame, normalized: bool = True,
     lora_i = 0
     for _, row in runs.iterrows():
         s = np.asarray(row["singular_values"], dtype=float)
-        if normalized and len(s) and s[0] > 0:
-            s = s / s[0]
-        keep = s > 0
+        top = s[0] if len(s) else 0.0
+        if normalized and top > 0:
+            s = s / top
+        # below 1e-6·σ₁ a float32 ΔW = W_ft − W0 holds only rounding noise: not drawn
+        keep = s > 1e-6 * (s[0] if len(s) else 0.0)
         is_full = row.get("kind") == "full"
         color = COLORS["full"] if is_full else SEQUENCE[lora_i % len(SEQUENCE)]
         lora_i += 0 if is_full else 1
