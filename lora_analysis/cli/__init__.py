@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # One entry per sub-command module in this package.
-COMMANDS = ("params", "train", "spectra")
+COMMANDS = ("params", "train", "spectra", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,41 @@
+"""``python -m lora_analysis report``: a self-contained HTML report of runs from the run store.
+
+    python -m lora_analysis report --latest-sweep --html report.html
+    python -m lora_analysis report RUN_ID [RUN_ID ...] --parts training,spectra --html report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import runstore
+from ..report import write_report
+from ..run_report import PARTS, report_sections, run_configs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report of runs",
+                       description="Write one HTML file (plotly.js inlined, works offline) with the training "
+                                   "curves, spectra, subspace and merge analyses of the chosen runs.")
+    p.add_argument("runs", nargs="*", help="run ids (or unique id prefixes); default: the newest sweep")
+    p.add_argument("--html", required=True, help="where to write the report")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
+    p.add_argument("--runs-dir", default=None, help="run store folder (default $LORA_ANALYSIS_HOME/runs)")
+    p.add_argument("--title", default="lora-analysis report")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.runs:
+        runs = [runstore.load_run(r, args.runs_dir) for r in args.runs]
+    else:
+        done = [r for r in runstore.list_runs(args.runs_dir) if r.status == "completed"]
+        sweep = next((r.sweep_id for r in done if r.sweep_id), None)
+        runs = [r for r in done if r.sweep_id == sweep] if sweep else done[:1]
+    if not runs:
+        raise ValueError(f"the run store {runstore.runs_root(args.runs_dir)} has no completed runs")
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    path = write_report(args.html, args.title, report_sections(runs, parts), configs=run_configs(runs),
+                        subtitle=f"{len(runs)} runs: " + ", ".join(r.name for r in runs))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(runs)} runs)")
+    return 0
