@@ -135,9 +135,9 @@ def page() -> None:
         if len(metrics):
             left, right = st.columns(2)
             with left, guarded("drawing the loss curves"):
-                chart(plot_loss_curves(metrics, "train_loss", smooth=5))
+                chart(plot_loss_curves(metrics, "train_loss", smooth=5, log_y=True))
             with right, guarded("drawing the validation curves"):
-                chart(plot_loss_curves(metrics, "val_loss", title="Validation loss"))
+                chart(plot_loss_curves(metrics, "val_loss", title="Validation loss", log_y=True))
         finals = runstore.runs_frame(runs=selected)
         cols = [c for c in ["name", "status", "val_accuracy", "val_perplexity", "val_loss", "base_val_accuracy",
                             "base_val_perplexity", "trainable_params", "training_state_bytes", "samples_per_s",
