@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .paths import home_dir
+from .runstore import atomic_write_text, pid_alive
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
@@ -54,9 +55,7 @@ def jobs_dir(home: Path | None = None) -> Path:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2, default=str))
 
 
 def _read_json(path: Path) -> dict:
@@ -64,23 +63,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (finished, not yet reaped by its parent) is not alive
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def start_job(kind: str, spec: dict, home: Path | None = None) -> Job:
@@ -113,7 +95,7 @@ def read_job(directory: Path | str) -> Job:
         raise ValueError(f"'{directory}' holds no readable job.json")
     progress = _read_json(directory / "progress.json")
     status = record.get("status", "running")
-    if status in ("running", "starting") and not _alive(record.get("pid")):
+    if status in ("running", "starting") and not pid_alive(record.get("pid")):
         # the worker writes its final status before exiting; re-read in case it just did
         record = _read_json(directory / "job.json") or record
         status = record.get("status", "running")

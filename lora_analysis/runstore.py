@@ -104,7 +104,7 @@ def environment(device: torch.device | str | None = None) -> dict:
     return env
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -165,7 +165,7 @@ def _effective_status(record: dict, now: float | None = None) -> str:
     silent = now - float(record.get("heartbeat") or record.get("created") or 0.0)
     if record.get("host") == socket.gethostname():
         # on this machine the pid decides; a very old heartbeat also catches a recycled pid
-        alive = _pid_alive(record.get("pid"))
+        alive = pid_alive(record.get("pid"))
         return "running" if alive and silent < 12 * HEARTBEAT_STALE_S else "interrupted"
     return "running" if silent < HEARTBEAT_STALE_S else "interrupted"
 

@@ -1,6 +1,5 @@
 """AppTest of the Parameter savings page: its numbers are the library's reference numbers."""
 
-import json
 from pathlib import Path
 
 import pytest

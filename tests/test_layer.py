@@ -137,7 +137,7 @@ def test_base_is_frozen_and_lora_trainable():
 
 
 def test_conv1d_delta_is_transposed_like_its_weight():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """Home: LoRA in three sentences and one picture, and a one-click quick demo that fills the other pages."""
 
-import time
 
 import streamlit as st
 

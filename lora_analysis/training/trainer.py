@@ -370,7 +370,7 @@ def default_run_name(cfg: TrainConfig) -> str:
     if cfg.method == "full":
         return f"{cfg.model} full FT"
     targets = cfg.targets if isinstance(cfg.targets, str) else ",".join(cfg.targets)
-    scaling = f"α/√r" if cfg.rslora else "α/r"
+    scaling = "α/√r" if cfg.rslora else "α/r"
     return f"{cfg.model} LoRA r={cfg.rank} α={cfg.alpha:g} ({scaling}) on {targets}"
 
 
