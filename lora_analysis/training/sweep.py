@@ -204,13 +204,13 @@ def _task_key(c: TrainConfig) -> tuple:
     return (c.model, c.data, c.pretrain_steps, c.seq_len, c.label_column, c.text_field)
 
 
-def _task_for(config: TrainConfig) -> Task:
+def _task_for(config: TrainConfig, progress: Callable[..., None] | None = None) -> Task:
     key = _task_key(config)
     if key not in _TASKS:
         _TASKS.clear()      # keep one base in memory at a time
         _TASKS[key] = prepare_task(config.model, config.data, pretrain_steps=config.pretrain_steps,
                                    seq_len=config.seq_len, label_column=config.label_column,
-                                   text_field=config.text_field)
+                                   text_field=config.text_field, progress=progress)
     return _TASKS[key]
 
 
@@ -259,7 +259,15 @@ def run_sweep_job(spec: dict, progress: Callable[..., None] | None = None, cance
     ``final``."""
     settings = sweep_settings(**spec)
     runs_dir = Path(home) / "runs" if home else None
-    task = _task_for(settings[0][1])
+
+    def pretraining(step, total, loss, **_) -> None:
+        # a built-in base pretrains once (tiny-gpt: a couple of minutes); say so instead of "starting…"
+        if progress is not None:
+            progress(done=0, total=1, run=None, loss=loss, final=False,
+                     message=f"pretraining the {spec.get('model')} base once (cached afterwards) · step "
+                             f"{step}/{total} · loss {loss:.4f}")
+
+    task = _task_for(settings[0][1], pretraining)
     steps = [resolve_steps(c, task) for _, c in settings]
     total_steps, before = sum(steps), [sum(steps[:i]) for i in range(len(steps))]
 
