@@ -2,7 +2,6 @@
 
 import hashlib
 
-import pandas as pd
 import streamlit as st
 
 from dashboard.common import MAX_UPLOAD_BYTES, chart, guarded
