@@ -307,16 +307,19 @@ def rank_table(model: nn.Module, targets: Targets, ranks: list[int], dtype: str 
     """One row per rank: trainable/total parameters, % of full, adapter file size and training memory.
 
     ``model`` is adapted once (pass a meta-device preset: free to build); every rank's count follows from
-    the targeted shapes, since LoRA trains r·(in + out) values per module.
+    the targeted shapes, since LoRA trains r·(in + out) values per module (r capped at min(out, in)).
     """
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise ValueError(f"rank={bad[0]!r} is not allowed: ranks must be integers >= 1")
     base_total = sum(p.numel() for p in model.parameters())
     modules = lora_parameter_count(model, targets, 1).modules
-    smallest = int(modules[["out_features", "in_features"]].min().min())
+    cap = modules[["out_features", "in_features"]].min(axis=1)
     rows = []
     for r in ranks:
-        if not 1 <= r <= smallest:
-            raise ValueError(f"rank={r} is not allowed here: use 1 to {smallest} (the smallest targeted side)")
-        table = modules.assign(rank=r, lora_params=r * (modules.in_features + modules.out_features))
+        # a module smaller than r gets rank min(out, in), as the trainer does (a 10-class head: at most 10)
+        rank = cap.clip(upper=r)
+        table = modules.assign(rank=rank, lora_params=rank * (modules.in_features + modules.out_features))
         lora = int(table["lora_params"].sum())
         mem = estimate_training_memory(base_total, lora, dtype)
         rows.append({"rank": r, "trainable_params": lora, "total_params": base_total + lora,

@@ -29,7 +29,7 @@ def test_default_is_llama_reference(app):
 
 
 def test_targets_and_rank_change_the_numbers(app):
-    app.multiselect(key="params_targets").set_value(["q_proj", "k_proj", "v_proj", "o_proj"]).run()
+    app.multiselect(key="params_targets:llama-2-7b").set_value(["q_proj", "k_proj", "v_proj", "o_proj"]).run()
     assert metrics(app)["Trainable (LoRA)"] == "8,388,608"
     app.select_slider(key="params_rank").set_value(1).run()
     assert metrics(app)["Trainable (LoRA)"] == "1,048,576"
@@ -53,5 +53,24 @@ def test_matrix_mode_reproduces_seed_example(app):
 
 
 def test_empty_selection_warns_instead_of_failing(app):
-    app.multiselect(key="params_targets").set_value([]).run()
+    app.multiselect(key="params_targets:llama-2-7b").set_value([]).run()
     assert app.warning and "at least one target" in app.warning[0].value
+
+
+def test_switching_preset_uses_that_models_defaults(app):
+    app.selectbox(key="params_preset").set_value("gpt2").run()
+    assert app.multiselect(key="params_targets:gpt2").value == ["c_attn"]
+    assert metrics(app)["Trainable (LoRA)"] == "294,912"
+
+
+def test_a_runs_model_counts_like_the_trainer(lora_home):
+    from lora_analysis.training import TrainConfig, train
+
+    result = train(TrainConfig(model="mlp-digits", rank=8, alpha=8, steps=3, pretrain_steps=30))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("views/params.py").run()
+    at.radio(key="params_mode").set_value("A run's model").run()
+    assert not at.exception and not at.error
+    # all-linear on 64-128-256-10 at r=8, the 10-way head capped at rank 8 ≤ 10: what the run trained
+    assert metrics(at)["Trainable (LoRA)"] == f"{result.metrics['trainable_params']:,}"

@@ -139,3 +139,14 @@ def test_cli_bad_input_is_one_line_error(capsys):
     assert err.startswith("error: rank=0") and "Traceback" not in err
     assert main(["params", "--preset", "gpt2", "--targets", "nonexistent"]) == 2
     assert "matched no Linear/Conv1D module" in capsys.readouterr().err
+
+
+def test_rank_table_caps_rank_at_small_modules():
+    from lora_analysis.params import rank_table
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    table = rank_table(model, "all-linear", [4, 32]).set_index("rank")
+    assert table.loc[4, "trainable_params"] == 4 * (64 + 128) + 4 * (128 + 10)
+    assert table.loc[32, "trainable_params"] == 32 * (64 + 128) + 10 * (128 + 10)   # head capped at 10
+    with pytest.raises(ValueError, match="rank=0"):
+        rank_table(model, "all-linear", [0])

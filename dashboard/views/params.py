@@ -7,10 +7,13 @@ import streamlit as st
 
 from dashboard.common import chart, fmt_bytes, guarded, read_json_upload
 from lora_analysis import params as P
+from lora_analysis import runstore
+from lora_analysis.training.restore import task_for_run
 from lora_analysis.plots.params import plot_lora_diagram, plot_memory, plot_percent_vs_rank, plot_trainable_vs_rank
 
 RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SEED_EXAMPLES = [(5, 5, 1), (10, 10, 1), (1000, 1000, 2), (512, 64, 8)]
+RUN_PREFIX = "run:"
 
 
 @st.cache_data(show_spinner="Counting parameters…", max_entries=64)
@@ -30,7 +33,9 @@ def cached_module_table(source: str, config_json: str, targets: tuple[str, ...],
 
 
 def build(source: str, config_json: str):
-    # a fresh meta-device model each call: apply_lora mutates it, so it is never shared
+    # a fresh model each call: apply_lora mutates it, so it is never shared
+    if source.startswith(RUN_PREFIX):
+        return task_for_run(runstore.read_run(source[len(RUN_PREFIX):])).build_model()
     return P.build_preset(source) if source else P.build_from_config_dict(json.loads(config_json))
 
 
@@ -39,7 +44,7 @@ def page() -> None:
     st.caption("LoRA trains r·(d+k) values per adapted d×k weight instead of d·k. Counts are exact: presets are "
                "built from their shapes on PyTorch's meta device (nothing is downloaded or allocated) and "
                "totals include the LoRA parameters, as PEFT's print_trainable_parameters does.")
-    mode = st.radio("Count for", ["Preset architecture", "Hugging Face config.json", "One matrix"],
+    mode = st.radio("Count for", ["Preset architecture", "Hugging Face config.json", "A run's model", "One matrix"],
                     horizontal=True, key="params_mode")
     if mode == "One matrix":
         return matrix_mode()
@@ -49,6 +54,15 @@ def page() -> None:
         source = st.selectbox("Architecture", sorted(P.PRESETS), index=sorted(P.PRESETS).index("llama-2-7b"),
                               key="params_preset")
         default_targets = P.DEFAULT_TARGETS[source]
+    elif mode == "A run's model":
+        runs = {f"{r.model} · {r.name} · {r.id[-6:]}": r for r in runstore.list_runs()}
+        if not runs:
+            st.info("No runs yet: run the quick demo on Home or launch one on Fine-tune.")
+            return
+        run = runs[st.selectbox("Run", list(runs), key="params_run")]
+        source = RUN_PREFIX + str(run.dir)
+        targets = run.config.get("targets")
+        default_targets = None if targets in (None, "all-linear") or isinstance(targets, str) else list(targets)
     else:
         upload = st.file_uploader("config.json of any Hugging Face model", type=["json"], key="params_config")
         if upload is None:
@@ -65,8 +79,12 @@ def page() -> None:
     if g.failed:
         return
     defaults = [t for t in (default_targets or ["q_proj", "v_proj", "query", "value", "c_attn"]) if t in names]
+    if not defaults and source.startswith(RUN_PREFIX):
+        defaults = names          # mlp-digits adapts every Linear
     col1, col2, col3 = st.columns([3, 3, 1])
-    targets = col1.multiselect("Target modules", names, default=defaults or names[:1], key="params_targets")
+    # one widget per model: module names differ between models, so a choice must not carry over
+    targets = col1.multiselect("Target modules", names, default=defaults or names[:1],
+                               key=f"params_targets:{source if not source.startswith(RUN_PREFIX) else 'run'}")
     ranks = col2.multiselect("Ranks", RANKS, default=[1, 2, 4, 8, 16, 32, 64], key="params_ranks")
     dtype = col3.selectbox("Training dtype", ["bfloat16", "float16", "float32"], key="params_dtype")
     if not targets or not ranks:
