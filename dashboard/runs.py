@@ -33,7 +33,10 @@ def completed(runs: list[runstore.Run]) -> list[runstore.Run]:
     return [r for r in runs if r.status == "completed"]
 
 
-def _stamp(run: runstore.Run) -> float:
+def stamp(run: runstore.Run | None) -> float:
+    """The run's last change (run.json's mtime): part of every cache key, so a changed run is re-read."""
+    if run is None:
+        return 0.0
     try:
         return (run.dir / "run.json").stat().st_mtime
     except OSError:
@@ -47,7 +50,7 @@ def _updates(run_dir: str, stamp: float) -> dict[str, ModuleUpdate]:
 
 
 def updates_for(run: runstore.Run) -> dict[str, ModuleUpdate]:
-    return _updates(str(run.dir), _stamp(run))
+    return _updates(str(run.dir), stamp(run))
 
 
 
@@ -58,7 +61,7 @@ def _spectra(run_dir: str, stamp: float) -> pd.DataFrame:
 
 def spectra_for(run: runstore.Run) -> pd.DataFrame:
     """Per-module spectra of one run, with run columns (run, method, rank, alpha) for cross-run charts."""
-    frame = _spectra(str(run.dir), _stamp(run)).copy()
+    frame = _spectra(str(run.dir), stamp(run)).copy()
     return frame.assign(run=run_label(run), run_id=run.id, method=run.method,
                         run_rank=run.config.get("rank") if run.method == "lora" else None,
                         alpha=run.config.get("alpha") if run.method == "lora" else None)

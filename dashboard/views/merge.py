@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.common import chart, guarded
-from dashboard.runs import all_runs, completed, empty_store_message, run_label
+from dashboard.runs import all_runs, completed, empty_store_message, run_label, stamp
 from lora_analysis import runstore
 from lora_analysis.analysis.merge_check import latency_check, merge_check
 from lora_analysis.lora import merge_and_unload
@@ -18,38 +18,34 @@ FP32_TOLERANCE = 1e-5
 
 
 @st.cache_resource(max_entries=8, show_spinner="Rebuilding the run's model…")
-def restored(run_dir: str, stamp: float):
+def restored(run_dir: str, version: float):
     # shared read-only: every analysis below works on deep copies
     return restore_run(runstore.read_run(run_dir))
 
 
 @st.cache_data(max_entries=16, show_spinner="Comparing merged and unmerged outputs in float32, bfloat16, float16…")
-def merge_report(run_dir: str, stamp: float):
-    r = restored(run_dir, stamp)
+def merge_report(run_dir: str, version: float):
+    r = restored(run_dir, version)
     check = merge_check(r.model, r.held_out_inputs())
     return check.errors, check.roundtrip, check.params, check.skipped
 
 
 @st.cache_data(max_entries=16, show_spinner="Timing base, unmerged and merged forwards…")
-def latency_report(run_dir: str, stamp: float, repeats: int) -> pd.DataFrame:
-    r = restored(run_dir, stamp)
+def latency_report(run_dir: str, version: float, repeats: int) -> pd.DataFrame:
+    r = restored(run_dir, version)
     return latency_check(r.model, r.held_out_inputs(), repeats=repeats)
 
 
 @st.cache_data(max_entries=16, show_spinner="Evaluating base, LoRA and full fine-tuning…")
-def task_report(run_dir: str, stamp: float, full_dir: str | None, full_stamp: float) -> pd.DataFrame:
-    r = restored(run_dir, stamp)
+def task_report(run_dir: str, version: float, full_dir: str | None, full_version: float) -> pd.DataFrame:
+    r = restored(run_dir, version)
     rows = [{"variant": "frozen base", **r.metric(r.base_model())},
             {"variant": "LoRA (unmerged)", **r.metric(r.model)},
             {"variant": "LoRA (merged)", **r.metric(merge_and_unload(copy.deepcopy(r.model)))}]
     if full_dir:
-        full = restored(full_dir, full_stamp)
+        full = restored(full_dir, full_version)
         rows.append({"variant": "full fine-tuning", **full.metric(full.model)})
     return pd.DataFrame(rows)
-
-
-def stamp(run: runstore.Run) -> float:
-    return (run.dir / "run.json").stat().st_mtime
 
 
 def verdict(errors: pd.DataFrame, latency: pd.DataFrame) -> tuple[bool, str]:
@@ -100,7 +96,7 @@ def page() -> None:
 
     st.subheader("Task metric: base, LoRA and full fine-tuning")
     with guarded("evaluating the models"):
-        table = task_report(str(run.dir), stamp(run), str(full.dir) if full else None, stamp(full) if full else 0.0)
+        table = task_report(str(run.dir), stamp(run), str(full.dir) if full else None, stamp(full))
         metric = "val_accuracy" if "val_accuracy" in table.columns else "val_perplexity"
         left, right = st.columns([3, 2])
         with left:
