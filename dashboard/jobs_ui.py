@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lora_analysis import jobs
+from lora_analysis import jobs, runstore
+
+
+def _runs(ids: list[str]) -> list[runstore.Run]:
+    runs = []
+    for run_id in ids:
+        try:
+            runs.append(runstore.load_run(run_id))
+        except ValueError:      # deleted since: nothing to report
+            continue
+    return runs
 
 
 def _show(job: jobs.Job) -> None:
@@ -19,8 +29,11 @@ def _show(job: jobs.Job) -> None:
     if job.status == "running":
         st.progress(done / total, text=f"{p.get('message') or 'starting…'}  ({done}/{total} steps)")
     elif job.status == "completed":
-        st.success(f"Done: {len(job.run_ids)} runs written to the run store. Spectra, Rank & alpha effects, "
-                   "Subspaces and Merge equivalence now show them.", icon=":material/check_circle:")
+        failed = [r for r in _runs(job.run_ids) if r.status == "failed"]
+        st.success(f"Done: {len(job.run_ids) - len(failed)} runs written to the run store. Spectra, Rank & alpha "
+                   "effects, Subspaces and Merge equivalence now show them.", icon=":material/check_circle:")
+        for run in failed:
+            st.error(f"Run '{run.name}' failed: {run.error}", icon=":material/error:")
     elif job.status == "failed":
         st.error(f"The job failed: {job.error}")
     else:
