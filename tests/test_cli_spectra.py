@@ -138,3 +138,15 @@ def test_gpt2_conv1d_adapter_with_model_dir_and_flat_safetensors_base(tmp_path, 
     want = projection_norm(layer.base_layer.weight.detach().T, spec.U, spec.V)   # W0 as (out, in)
     for res in results:
         assert res[name]["proj_delta"] == pytest.approx(want, rel=1e-6)
+
+
+def test_a_runs_adapter_with_the_runs_base_weights(lora_home, capsys):
+    """A run keeps W0 keyed by module name (not <module>.weight): --base takes that file too."""
+    from lora_analysis.training import TrainConfig, train
+
+    result = train(TrainConfig(model="mlp-digits", rank=2, alpha=4, steps=10, pretrain_steps=30))
+    adapter, base = result.run_dir / "adapter", result.run_dir / "base_weights.safetensors"
+    assert main(["spectra", str(adapter), "--base", str(base), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {m["name"] for m in out["amplification"]} == {"fc1", "fc2", "fc3"}
+    assert all(m["amplification"] > 0 for m in out["amplification"])

@@ -47,11 +47,14 @@ def _names_and_shapes(module_names: Iterable[str] | Shapes) -> tuple[list[str], 
 
 
 def _match_key(name: str, keys: set[str]) -> str | None:
-    """The tensor key for ``<name>.weight``: exact, else the unique key equal up to leading path parts
+    """The tensor key for ``<name>.weight``: exact, else the module name itself (a run's
+    base_weights.safetensors is keyed by module), else the unique key equal up to leading path parts
     (a PEFT name ``transformer.h.0.attn.c_attn`` against a checkpoint key ``h.0.attn.c_attn.weight``)."""
     exact = f"{name}.weight"
     if exact in keys:
         return exact
+    if name in keys:
+        return name
     hits = [k for k in keys if k.endswith(".weight")
             and (exact.endswith("." + k) or k.endswith("." + exact))]
     return hits[0] if len(hits) == 1 else None
