@@ -34,6 +34,8 @@ def _show(job: jobs.Job) -> None:
                    "effects, Subspaces and Merge equivalence now show them.", icon=":material/check_circle:")
         for run in failed:
             st.error(f"Run '{run.name}' failed: {run.error}", icon=":material/error:")
+        for failure in p.get("failures") or []:      # failed before writing a run folder
+            st.error(f"Run '{failure['run']}' failed: {failure['error']}", icon=":material/error:")
     elif job.status == "failed":
         st.error(f"The job failed: {job.error}")
     else:

@@ -94,3 +94,10 @@ def test_process_executor_runs_jobs_in_other_processes(lora_home):
     # same seed, same base from the cache: the same numbers in another process
     assert pooled["val_loss"].tolist() == pytest.approx(local["val_loss"].tolist(), rel=1e-6)
     assert pooled["run_id"].nunique() == 2 and set(pooled["run_id"]).isdisjoint(local["run_id"])
+
+
+def test_sweep_refuses_a_missing_model_folder_before_any_run(lora_home, tmp_path):
+    with pytest.raises(ValueError, match="model folder .*nowhere' does not exist"):
+        sweep_settings(model=str(tmp_path / "nowhere"), ranks=[1])
+    with pytest.raises(ValueError, match="Did you mean 'mlp-digits'"):
+        sweep_settings(model="mlp_digits", ranks=[1])

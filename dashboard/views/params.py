@@ -1,6 +1,8 @@
 """Parameter savings: what LoRA trains, per rank, for a preset, an uploaded config or one matrix."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -82,9 +84,11 @@ def page() -> None:
     if not defaults and source.startswith(RUN_PREFIX):
         defaults = names          # mlp-digits adapts every Linear
     col1, col2, col3 = st.columns([3, 3, 1])
-    # one widget per model: module names differ between models, so a choice must not carry over
+    # one widget per model (per run, per uploaded config): module names differ, so a choice must not carry over
+    widget = (f"run:{Path(source[len(RUN_PREFIX):]).name}" if source.startswith(RUN_PREFIX) else source) or \
+        f"config:{hashlib.sha1(config_json.encode()).hexdigest()[:12]}"
     targets = col1.multiselect("Target modules", names, default=defaults or names[:1],
-                               key=f"params_targets:{source if not source.startswith(RUN_PREFIX) else 'run'}")
+                               key=f"params_targets:{widget}")
     ranks = col2.multiselect("Ranks", RANKS, default=[1, 2, 4, 8, 16, 32, 64], key="params_ranks")
     dtype = col3.selectbox("Training dtype", ["bfloat16", "float16", "float32"], key="params_dtype")
     if not targets or not ranks:

@@ -66,7 +66,10 @@ def import_section() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bundle.zip"
             path.write_bytes(upload.getvalue())
-            run = runstore.import_run(path)
+            try:
+                run = runstore.import_run(path)
+            except ValueError as exc:   # name the uploaded file, not our private temp copy
+                raise ValueError(str(exc).replace(str(path), upload.name)) from exc
         clear_caches()
         st.session_state["rep_imported"] = marker
         st.success(f"Imported run '{run.name}' ({run.id}): it now shows on every page.")

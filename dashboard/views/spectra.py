@@ -2,6 +2,7 @@
 fine-tuning, and rank advice exported as a PEFT LoraConfig."""
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def adapter_from_upload(files) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "adapter_config.json").write_bytes(config.getvalue())
         (Path(tmp) / "adapter_model.safetensors").write_bytes(weights.getvalue())
-        return updates_from_adapter(read_adapter(tmp))
+        try:
+            return updates_from_adapter(read_adapter(tmp))
+        except ValueError as exc:   # name the uploaded files, not our private temp folder
+            raise ValueError(str(exc).replace(f"{tmp}{os.sep}", "").replace(tmp, "the upload")) from exc
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading the adapter…")

@@ -41,9 +41,12 @@ def similarity_section(runs) -> None:
     by_rank = sorted(lora, key=lambda n: labels[n].config.get("rank") or 0)
     c = st.columns(3)
     first = c[0].selectbox("First run", names, index=names.index(by_rank[-1]) if by_rank else 0, key="sub_a")
-    # the paper compares r=8 with r=64: default to the two highest ranks
-    second = c[1].selectbox("Second run", names, index=names.index(by_rank[-2]) if len(by_rank) > 1
-                            else min(1, len(names) - 1), key="sub_b")
+    # the paper compares r=8 with r=64: default to the two highest ranks of the first run's model
+    # (runs of different models share no module, so such a default pair would open on an error)
+    same_model = [n for n in names if n != first and labels[n].model == labels[first].model]
+    second_default = next((n for n in reversed(by_rank) if n in same_model), None) or \
+        (same_model or [n for n in names if n != first] or [first])[0]
+    second = c[1].selectbox("Second run", names, index=names.index(second_default), key="sub_b")
     both_lora = labels[first].method == "lora" and labels[second].method == "lora"
     sides = list(SIDES) if both_lora else list(SIDES)[1:]
     side = SIDES[c[2].selectbox("Directions", sides, key="sub_side")]

@@ -270,6 +270,28 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) is not None
 
 
+def check_model_name(model: str) -> None:
+    """Refuse, before any work starts, a model that is neither built-in, an existing Hugging Face model
+    folder, nor shaped like a hub id (``gpt2``, ``org/name``); near misses get a suggestion."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model={model!r} is not allowed: give one of {', '.join(BUILTIN_MODELS)}, a Hugging "
+                         "Face hub id or a local model folder")
+    if model in BUILTIN_MODELS:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"'{path}' is a directory without config.json: not a Hugging Face model folder")
+        return
+    if model.startswith((".", "/", "~")):
+        raise ValueError(f"model folder '{path}' does not exist")
+    close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.75)
+    if close or not _looks_like_hub_id(model):
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model {model!r} is not known: built-in models are {', '.join(BUILTIN_MODELS)}; "
+                         f"otherwise give a Hugging Face hub id or a local model folder.{hint}")
+
+
 def load_hf_causal_lm(name_or_path: str):
     """(model, tokenizer or None) for a Hugging Face causal LM, local directory first, then the cache,
     then the Hub (skipped when ``HF_HUB_OFFLINE`` is set). Float32 on the CPU."""
@@ -370,11 +392,7 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
         return Task(model, "causal-lm", _from_state(build, state), target, data_name, DEFAULTS[model],
                     info={"pretrain_config": cfg, "pretrain": meta, "tokenizer": "bytes"})
 
-    close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.75)
-    if not Path(model).expanduser().exists() and (close or not _looks_like_hub_id(model)):
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"model {model!r} is not known: built-in models are {', '.join(BUILTIN_MODELS)}; "
-                         f"otherwise give a Hugging Face hub id or a local model folder.{hint}")
+    check_model_name(model)
     hf_model, tokenizer = load_hf_causal_lm(model)
     vocab = int(hf_model.get_input_embeddings().weight.shape[0])
     max_len = int(getattr(hf_model.config, "max_position_embeddings", 0) or getattr(hf_model.config, "n_positions", 0)

@@ -281,8 +281,11 @@ def run_sweep_job(spec: dict, progress: Callable[..., None] | None = None, cance
     ids = [r.run_id for r in result.results if r.run_id]
     if progress is not None:
         counts = {s: sum(r.status == s for r in result.results) for s in ("failed", "cancelled")}
+        # runs that failed before writing a run folder (e.g. a target the model lacks) exist only here
+        unwritten = [{"run": r.metrics.get("label"), "error": r.error} for r in result.results
+                     if r.status == "failed" and not r.run_id]
         progress(done=sum(r.metrics.get("steps_done") or 0 for r in result.results), total=total_steps,
-                 run=None, loss=None, final=True,
+                 run=None, loss=None, final=True, failures=unwritten,
                  message=f"{len(ids)} run{'s' if len(ids) != 1 else ''} written"
                  + "".join(f", {n} {s}" for s, n in counts.items() if n))
     return ids

@@ -30,7 +30,7 @@ from ..lora.config import ALL_LINEAR, LoRAConfig
 from ..lora.layer import INIT_METHODS, is_adaptable, is_conv1d, linear_shape
 from ..lora.model import _output_head_names, find_targets
 from .data import ClassificationSplit, classification_batch, token_batch, token_eval_batches
-from .models import Task, prepare_task
+from .models import Task, check_model_name, prepare_task
 
 METHODS = ("lora", "full")
 # Keep W0 beside a run when the adapted modules' weights are at most this big (for load_updates).
@@ -108,6 +108,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: {name} must be a finite number "
                                  f"{'>' if low_open else '>='} {low}")
 
+        check_model_name(self.model)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not allowed: choose one of {', '.join(METHODS)}")
         if self.lr is not None:
