@@ -68,11 +68,7 @@ def spectra_for(run: runstore.Run) -> pd.DataFrame:
 
 
 
-def latest_sweep(runs: list[runstore.Run]) -> list[runstore.Run]:
-    """The completed runs of the newest sweep (or all completed runs when none belongs to a sweep)."""
-    done = completed(runs)
-    sweep = next((r.sweep_id for r in done if r.sweep_id), None)
-    return [r for r in done if r.sweep_id == sweep] if sweep else done
+latest_sweep = runstore.latest_sweep
 
 
 def empty_store_message() -> None:

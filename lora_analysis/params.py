@@ -237,8 +237,20 @@ def lora_parameter_count(model: nn.Module, targets: Targets = ALL_LINEAR, rank: 
                          alpha: float | None = None, rslora: bool = False,
                          rank_pattern: dict | None = None) -> ParameterCount:
     """Count what LoRA with these settings would train on ``model`` (applied to the model in place;
-    pass a meta-device model to count without allocating)."""
-    apply_lora(model, targets=targets, rank=rank, alpha=alpha, rslora=rslora, rank_pattern=rank_pattern)
+    pass a meta-device model to count without allocating). A module smaller than the rank gets rank
+    min(out, in), as the trainer does (a 10-class head trains at most rank 10)."""
+    from .lora.config import LoRAConfig
+    from .lora.layer import linear_shape
+    from .lora.model import find_targets
+
+    pattern = dict(rank_pattern or {})
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
+        modules = dict(model.named_modules())
+        for name in find_targets(model, LoRAConfig(targets=targets, rank=rank, alpha=float(rank))):
+            smallest = min(linear_shape(modules[name]))
+            if rank > smallest and name not in pattern:
+                pattern[name] = smallest
+    apply_lora(model, targets=targets, rank=rank, alpha=alpha, rslora=rslora, rank_pattern=pattern)
     return count_parameters(model)
 
 

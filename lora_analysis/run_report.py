@@ -72,7 +72,12 @@ def report_sections(runs: list[runstore.Run], include: tuple[str, ...] = PARTS) 
                                 "ranks holding 90%/99% of Σσ².", figures, tables))
     if "subspaces" in include:
         figures, tables = [], []
-        lora = sorted([r for r in runs if r.method == "lora"], key=lambda r: r.config.get("rank") or 0)
+        by_model: dict[str, list] = {}
+        for r in runs:
+            if r.method == "lora":
+                by_model.setdefault(r.model, []).append(r)
+        # φ compares two adapters of the same model: the two highest ranks of the model with most LoRA runs
+        lora = sorted(max(by_model.values(), key=len, default=[]), key=lambda r: r.config.get("rank") or 0)
         if len(lora) >= 2:
             a, b = lora[-1], lora[-2]
             results = adapter_similarity(updates[a.id], updates[b.id], "A")

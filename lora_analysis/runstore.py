@@ -206,6 +206,13 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
     return runs
 
 
+def latest_sweep(runs: list[Run]) -> list[Run]:
+    """The completed runs of the newest sweep, or all completed runs when none belongs to a sweep."""
+    done = [r for r in runs if r.status == "completed"]
+    sweep = next((r.sweep_id for r in done if r.sweep_id), None)
+    return [r for r in done if r.sweep_id == sweep] if sweep else done
+
+
 def _row(run: Run) -> dict:
     c, m = run.config, run.metrics
     return {"id": run.id, "name": run.name, "sweep_id": run.sweep_id, "status": run.status,

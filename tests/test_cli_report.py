@@ -36,3 +36,14 @@ def test_report_errors(lora_home, tmp_path, capsys):
     assert main(["report", "--html", str(tmp_path / "x.html")]) == 2
     assert "has no completed runs" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_report_over_runs_of_two_models(lora_home, tmp_path):
+    from lora_analysis import runstore
+    from lora_analysis.run_report import report_sections
+
+    run_sweep(sweep_settings(model="mlp-digits", ranks=[2, 4], alphas=[8], full_ft=False, steps=5, pretrain_steps=30))
+    run_sweep(sweep_settings(model="tiny-gpt", ranks=[2], alphas=[4], full_ft=False, steps=3, pretrain_steps=20))
+    sections = report_sections(runstore.list_runs(), ("spectra", "subspaces"))
+    titles = [f.layout.title.text or "" for s in sections for f in s.figures]
+    assert any("φ between A matrices of LoRA r=4" in t for t in titles)      # the same-model pair

@@ -62,3 +62,14 @@ def test_dead_worker_reads_as_interrupted(lora_home):
     (jobs.jobs_dir() / "garbage" / "job.json").write_text("{not json")
     [job] = jobs.list_jobs()
     assert job.status == "interrupted" and job.done
+
+
+def test_cancel_while_the_base_pretrains(lora_home):
+    cached_before = set((lora_home / "cache").glob("**/tiny-gpt*"))   # the cache is shared by the session
+    job = jobs.start_job("sweep", {"model": "tiny-gpt", "ranks": [2], "alphas": [4.0], "full_ft": False,
+                                   "steps": 5, "pretrain_steps": 100_000})
+    wait(job, until=lambda j: "pretraining" in str(j.progress.get("message")))
+    jobs.cancel_job(jobs.read_job(job.dir))
+    job = wait(job)
+    assert job.status == "cancelled" and "while pretraining" in job.error
+    assert set((lora_home / "cache").glob("**/tiny-gpt*")) == cached_before   # nothing half-trained was cached

@@ -194,3 +194,13 @@ def test_dropout_only_on_lora_path_in_train_mode():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(layer(x), layer.base_layer(x))   # no LoRA path → dropout invisible
+
+
+def test_merge_refuses_overflow_of_the_weight_dtype():
+    layer = make_layer(dtype=torch.float16)
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(60000.0)      # near fp16's max (65504)
+        layer.lora_B.weight.fill_(1e4)
+    with pytest.raises(ValueError, match="torch.float16"):
+        layer.merge()
+    assert not layer.merged and torch.isfinite(layer.base_layer.weight).all()

@@ -150,3 +150,9 @@ def test_rank_table_caps_rank_at_small_modules():
     assert table.loc[32, "trainable_params"] == 32 * (64 + 128) + 10 * (128 + 10)   # head capped at 10
     with pytest.raises(ValueError, match="rank=0"):
         rank_table(model, "all-linear", [0])
+
+
+def test_lora_parameter_count_caps_small_modules_like_the_trainer():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    count = lora_parameter_count(model, "all-linear", 32)
+    assert list(count.modules["rank"]) == [32, 10]

@@ -233,3 +233,18 @@ def test_pickle_base_weights_are_refused(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"not unpickled")
     with pytest.raises(ValueError, match="must be a .safetensors file"):
         load_base_weights(tmp_path / "w.bin", ["x"])
+
+
+def test_run_style_base_weights_are_not_transposed_again(tmp_path):
+    """A run keeps W0 as (out, in) under the bare module name; a checkpoint stores a Conv1D weight (in, out)
+    under "<name>.weight". For a square Conv1D only the key tells them apart."""
+    from safetensors.torch import save_file
+
+    from lora_analysis.analysis.sources import load_base_weights
+
+    w = torch.arange(16.0).reshape(4, 4)            # (out, in)
+    save_file({"h.0.c_proj": w}, tmp_path / "run.safetensors")
+    save_file({"h.0.c_proj.weight": w.T.contiguous()}, tmp_path / "ckpt.safetensors")
+    for name in ("run", "ckpt"):
+        got = load_base_weights(tmp_path / f"{name}.safetensors", {"h.0.c_proj": (4, 4)}, fan_in_fan_out=True)
+        assert torch.equal(got["h.0.c_proj"], w), name

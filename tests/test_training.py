@@ -71,7 +71,8 @@ def test_lora_run_hands_factors_and_w0_to_the_analyses(digits, lora_home):
         assert u.kind == "lora"
         assert torch.equal(u.w0, layers[name].base_layer.weight)
         torch.testing.assert_close(u.dense_delta(), layers[name].delta_weight(), rtol=0, atol=0)
-    assert updates["fc3"].scaling == pytest.approx(16 / 10)
+    # ...at the sweep's scaling α/r = 16/32 (its alpha becomes 5), saved so that PEFT and we read it back
+    assert updates["fc3"].scaling == pytest.approx(16 / 32)
 
 
 def test_same_seed_gives_identical_losses_and_other_seed_differs(digits, lora_home):
@@ -159,3 +160,14 @@ def test_adaptable_modules_leave_out_the_lm_head(lora_home):
     task = prepare_task("tiny-gpt", pretrain_steps=2, seq_len=16)
     names = adaptable_modules(task.build_model())
     assert "lm_head" not in names and len(names) == 3 * 6
+
+
+def test_capped_module_keeps_the_sweeps_scaling(lora_home):
+    """fc3 (10 outputs) cannot take rank 32: it trains at rank 10 with the same α/r as the rest."""
+    from lora_analysis.lora import lora_layers
+
+    for rslora in (False, True):
+        result = train(TrainConfig(model="mlp-digits", rank=32, alpha=16, rslora=rslora, steps=1, pretrain_steps=30))
+        layers = lora_layers(result.model)
+        assert layers["fc3"].rank == 10 and layers["fc1"].rank == 32
+        assert layers["fc3"].scaling == pytest.approx(layers["fc1"].scaling)

@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.common import MAX_UPLOAD_BYTES, guarded
-from dashboard.runs import all_runs, clear_caches, completed, latest_sweep, run_label
+from dashboard.runs import all_runs, clear_caches, completed, latest_sweep, run_label, stamp
 from lora_analysis import runstore
 from lora_analysis.report import render_report
 from lora_analysis.run_report import PARTS, report_sections, run_configs
@@ -32,7 +32,7 @@ def report_section(runs) -> None:
     if st.button("Build the report", type="primary", key="rep_build", icon=":material/description:"):
         selected = [labels[k] for k in chosen]
         with guarded("building the report"):
-            st.session_state["rep_html"] = build_report(selected, tuple(r.id for r in selected), tuple(parts))
+            st.session_state["rep_html"] = build_report(selected, tuple((r.id, stamp(r)) for r in selected), tuple(parts))
     html = st.session_state.get("rep_html")
     if html:
         st.success(f"Report ready: {len(html) / 2**20:.1f} MiB.")
@@ -43,10 +43,17 @@ def bundle_section(runs) -> None:
     st.subheader("Share a run")
     labels = {run_label(r): r for r in runs}
     run = labels[st.selectbox("Run to export", list(labels), key="rep_export_run")]
-    with guarded("exporting the run"), tempfile.TemporaryDirectory() as tmp:
-        path = runstore.export_run(run, Path(tmp) / f"{run.id}.zip")
-        st.download_button(f"Download {path.name} ({path.stat().st_size / 2**10:.0f} KiB)", path.read_bytes(),
-                           path.name, "application/zip", key="rep_export_dl")
+    with guarded("exporting the run"):
+        data = bundle_bytes(str(run.dir), stamp(run))
+        st.download_button(f"Download {run.id}.zip ({len(data) / 2**10:.0f} KiB)", data, f"{run.id}.zip",
+                           "application/zip", key="rep_export_dl")
+
+
+@st.cache_data(max_entries=4, show_spinner="Packing the run…")
+def bundle_bytes(run_dir: str, version: float) -> bytes:
+    # zipped once per run version, not on every click elsewhere on the page
+    with tempfile.TemporaryDirectory() as tmp:
+        return runstore.export_run(runstore.read_run(run_dir), Path(tmp) / "bundle.zip").read_bytes()
 
 
 def import_section() -> None:

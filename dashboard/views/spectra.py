@@ -10,7 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.common import MAX_UPLOAD_BYTES, chart, guarded
-from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label, spectra_for, updates_for
+from dashboard.runs import (all_runs, completed, empty_store_message, latest_sweep, run_label, spectra_for, stamp,
+                            updates_for)
 from lora_analysis.analysis.rank_advice import peft_config_from_advice, peft_config_snippet, rank_advice
 from lora_analysis.analysis.sources import updates_from_adapter
 from lora_analysis.analysis.spectra import spectra_frame
@@ -61,7 +62,13 @@ def show_module_spectra(spectra: pd.DataFrame, key: str) -> None:
     st.dataframe(spectra[[c for c in TABLE_COLUMNS if c in spectra.columns]], hide_index=True, width="stretch")
 
 
-def advice_section(updates: dict, key: str) -> None:
+@st.cache_data(max_entries=32, show_spinner="Computing rank advice…")
+def cached_advice(_updates: dict, source: str, energy: float, max_rank: int):
+    return rank_advice(_updates, energy=energy, max_rank=max_rank)
+
+
+def advice_section(updates: dict, key: str, source: str) -> None:
+    """``source`` identifies ``updates`` (run dir and version, or the upload) for the cache."""
     st.subheader("Rank advice")
     c = st.columns([2, 1, 1])
     energy = c[0].slider("Keep this share of ΔW's energy (Σσ²)", 0.5, 0.999, 0.9, 0.01, key=f"{key}_energy_share")
@@ -69,7 +76,7 @@ def advice_section(updates: dict, key: str) -> None:
                             help="ratio: α = 2·r for every module (same scaling); fixed: one α for all")
     max_rank = c[2].number_input("Largest rank", 1, 4096, 64, key=f"{key}_max_rank")
     with guarded("computing rank advice"):
-        advice = rank_advice(updates, energy=energy, max_rank=int(max_rank))
+        advice = cached_advice(updates, source, float(energy), int(max_rank))
         config = peft_config_from_advice(advice, alpha_mode=alpha_mode, ratio=2.0)
         left, right = st.columns([3, 2])
         left.dataframe(advice, hide_index=True, width="stretch")
@@ -123,7 +130,8 @@ def runs_view() -> None:
     st.subheader("Per module")
     label = st.selectbox("Run", chosen, key="spectra_run_detail")
     show_module_spectra(frames[label], "run")
-    advice_section(updates_for(labels[label]), "run_advice")
+    run = labels[label]
+    advice_section(updates_for(run), "run_advice", f"{run.dir}@{stamp(run)}")
 
 
 def upload_view() -> None:
@@ -141,7 +149,7 @@ def upload_view() -> None:
     st.success(f"{len(spectra)} adapted modules, ranks {sorted(set(int(r) for r in spectra['rank']))}.")
     show_module_spectra(spectra, "upload")
     with guarded("reading the adapter"):
-        advice_section(adapter_from_upload(files), "upload_advice")
+        advice_section(adapter_from_upload(files), "upload_advice", key)
 
 
 def page() -> None:

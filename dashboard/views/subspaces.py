@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard.common import chart, guarded
 from dashboard.jobs_ui import job_panel
-from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label, updates_for
+from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label, stamp, updates_for
 from lora_analysis import jobs
 from lora_analysis.analysis.amplification import amplification_frame
 from lora_analysis.analysis.intruders import intruder_sweep
@@ -52,7 +52,7 @@ def similarity_section(runs) -> None:
     side = SIDES[c[2].selectbox("Directions", sides, key="sub_side")]
     with guarded("comparing the two runs") as g:
         pair = [labels[first], labels[second]]
-        phis, summary = similarity(pair, tuple(r.id for r in pair), side)
+        phis, summary = similarity(pair, tuple((r.id, stamp(r)) for r in pair), side)
     if g.failed:
         return
     module = st.selectbox("Module", list(phis), key="sub_module")
@@ -67,12 +67,18 @@ def similarity_section(runs) -> None:
         with st.expander("Seed versus seed"):
             st.write("Two runs of the same rank from different seeds show how much of a LoRA subspace is "
                      "reproducible. Add a second-seed run of the chosen first run:")
-            if st.button("Run it with seed 1", key="sub_seed") and labels[first].method == "lora":
+            is_lora = labels[first].method == "lora"
+            if st.button("Run it with seed 1", key="sub_seed", disabled=not is_lora,
+                         help=None if is_lora else "choose a LoRA run as the first run"):
                 cfg = labels[first].config
+                # everything as in the first run but the seed, so the two are comparable
+                common = {k: v for k, v in cfg.items()
+                          if k not in ("model", "method", "rank", "alpha", "rslora", "targets", "seed")}
                 with guarded("starting the seed run"):
                     st.session_state["sub_job"] = jobs.start_job("sweep", {
-                        "model": cfg["model"], "ranks": [cfg["rank"]], "alphas": [cfg["alpha"]], "seed": 1,
-                        "full_ft": False, "targets": [cfg.get("targets")], "data": cfg.get("data")}).id
+                        "model": cfg["model"], "ranks": [cfg["rank"]], "alphas": [cfg["alpha"]],
+                        "rslora": [bool(cfg.get("rslora"))], "targets": [cfg.get("targets")], "full_ft": False,
+                        "seed": 1, **common}).id
             if st.session_state.get("sub_job"):
                 job_panel(st.session_state["sub_job"])
 
@@ -106,7 +112,7 @@ def intruder_section(runs) -> None:
                "below ε (Shuttleworth et al. 2024). Low-rank LoRA tends to create them; full fine-tuning rarely.")
     k = st.slider("k (top singular vectors checked)", 1, 50, 10, key="intr_k")
     with guarded("counting intruders"):
-        sweep = intruders(runs, tuple(r.id for r in runs), k)
+        sweep = intruders(runs, tuple((r.id, stamp(r)) for r in runs), k)
         chart(plot_intruders_vs_epsilon(sweep, k), key="intr_chart")
         at = sweep[sweep["epsilon"] == 0.5].groupby("label", as_index=False, sort=False)["intruders"].sum()
         st.dataframe(at.rename(columns={"intruders": f"intruders at ε=0.5, k={k}"}), hide_index=True)

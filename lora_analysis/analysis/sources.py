@@ -77,9 +77,12 @@ def _from_safetensors(path: Path, names: list[str], shapes: Shapes | None,
                 raise ValueError(f"base weights '{path}' hold no tensor '{name}.weight' for adapted module "
                                  f"'{name}' (is this the right base model?)")
             weight = handle.get_tensor(key)
+            # a run's base_weights.safetensors is keyed by bare module name and already (out, in);
+            # a checkpoint's "<name>.weight" of a Conv1D is (in, out)
+            transposed = fan_in_fan_out and key != name
             if shapes is not None:
-                weight = orient_out_in(weight, shapes[name], name, fan_in_fan_out)
-            elif fan_in_fan_out:
+                weight = orient_out_in(weight, shapes[name], name, transposed)
+            elif transposed:
                 weight = weight.T
             out[name] = weight.contiguous()
     return out

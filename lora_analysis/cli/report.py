@@ -29,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.runs:
         runs = [runstore.load_run(r, args.runs_dir) for r in args.runs]
     else:
-        done = [r for r in runstore.list_runs(args.runs_dir) if r.status == "completed"]
-        sweep = next((r.sweep_id for r in done if r.sweep_id), None)
-        runs = [r for r in done if r.sweep_id == sweep] if sweep else done[:1]
+        runs = runstore.latest_sweep(runstore.list_runs(args.runs_dir))
     if not runs:
         raise ValueError(f"the run store {runstore.runs_root(args.runs_dir)} has no completed runs")
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())

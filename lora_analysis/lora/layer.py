@@ -140,11 +140,11 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRA layer is already merged; merge() did nothing", stacklevel=2)
             return
         weight = self.base_layer.weight
-        merged = weight.float() + self.delta_weight()
+        merged = (weight.float() + self.delta_weight()).to(weight.dtype)   # checked after the cast: fp16 overflows
         if not torch.isfinite(merged).all():
-            raise ValueError("merging would produce NaN or inf weights (the adapter or base weight holds "
-                             "non-finite values); the layer was left unmerged")
-        weight.data.copy_(merged.to(weight.dtype))
+            raise ValueError(f"merging would produce NaN or inf weights in {weight.dtype} (non-finite values, or "
+                             "an overflow of the weight's dtype); the layer was left unmerged")
+        weight.data.copy_(merged)
         self.merged = True
 
     @torch.no_grad()

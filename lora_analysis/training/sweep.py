@@ -262,6 +262,8 @@ def run_sweep_job(spec: dict, progress: Callable[..., None] | None = None, cance
 
     def pretraining(step, total, loss, **_) -> None:
         # a built-in base pretrains once (tiny-gpt: a couple of minutes); say so instead of "starting…"
+        if _is_cancelled(cancelled):   # nothing is cached: the next job pretrains afresh
+            raise RuntimeError(f"cancelled while pretraining the base, at step {step} of {total}")
         if progress is not None:
             progress(done=0, total=1, run=None, loss=loss, final=False,
                      message=f"pretraining the {spec.get('model')} base once (cached afterwards) · step "

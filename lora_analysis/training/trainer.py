@@ -27,7 +27,7 @@ from .. import runstore
 from ..device import pick_device
 from ..lora import apply_lora, lora_layers, save_adapter
 from ..lora.config import ALL_LINEAR, LoRAConfig
-from ..lora.layer import INIT_METHODS, is_adaptable, is_conv1d, linear_shape
+from ..lora.layer import INIT_METHODS, compute_scaling, is_adaptable, is_conv1d, linear_shape
 from ..lora.model import _output_head_names, find_targets
 from .data import ClassificationSplit, classification_batch, token_batch, token_eval_batches
 from .models import Task, check_model_name, prepare_task
@@ -255,10 +255,13 @@ def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path
     model = task.build_model()
     if cfg.method == "lora":
         caps = rank_caps(model, cfg.targets, cfg.rank)
+        # a capped module keeps the sweep's scaling α/r (α/√r): its alpha shrinks with its rank
+        alphas = {n: compute_scaling(cfg.rank, cfg.alpha, cfg.rslora) * (math.sqrt(c) if cfg.rslora else c)
+                  for n, c in caps.items()}
         module_names = find_targets(model, LoRAConfig(targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha))
         w0 = {n: _weight_out_in(m) for n, m in model.named_modules() if n in module_names}   # before PiSSA
         apply_lora(model, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                   rslora=cfg.rslora, init=cfg.init, rank_pattern=caps)
+                   rslora=cfg.rslora, init=cfg.init, rank_pattern=caps, alpha_pattern=alphas)
     else:
         caps = {}
         for p in model.parameters():
@@ -288,7 +291,12 @@ def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path
 
     rows: list[dict] = []
     status, error, memory = "completed", None, {}
-    base_metrics = evaluate(task, model, device, cfg.batch_size, cfg.max_eval_tokens, autocast)
+    try:
+        base_metrics = evaluate(task, model, device, cfg.batch_size, cfg.max_eval_tokens, autocast)
+    except BaseException as exc:   # e.g. out of memory: the run says so instead of staying "running"
+        if writer:
+            writer.finish("failed", error=f"evaluating the base failed: {type(exc).__name__}: {exc}")
+        raise
     last_eval = base_metrics
     rows.append({"step": 0, "train_loss": float("nan"), "lr": cfg.lr, "elapsed_s": 0.0, **base_metrics})
     if writer:
