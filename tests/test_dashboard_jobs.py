@@ -1,10 +1,12 @@
 """The job panel: a finished job's failed (NaN) runs show as errors that say what to do."""
 
+import json
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
 from lora_analysis import jobs
+from tests.test_dashboard_pages import values
 from tests.test_jobs import SPEC, wait
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -20,3 +22,22 @@ def test_nan_run_is_reported_on_the_page(lora_home):
     assert any("Done: 0 runs written" in s.value for s in at.success)
     [error] = at.error
     assert "failed: loss became" in error.value and "lower the learning rate" in error.value
+
+
+def test_rank_alpha_keeps_runs_of_different_settings_apart(lora_home):
+    from lora_analysis.training import run_sweep, sweep_settings
+
+    run_sweep(sweep_settings(model="mlp-digits", ranks=[1, 2], alphas=[4], full_ft=False, steps=5, pretrain_steps=30))
+    run_sweep(sweep_settings(model="mlp-digits", ranks=[4], alphas=[4], full_ft=False, steps=8, pretrain_steps=30))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("views/rank_alpha.py").run()
+    assert not at.exception and not at.error
+    choice = at.selectbox(key="ra_settings")
+    assert sorted(choice.options) == ["data=default, steps=5, seed=0 (2 runs)", "data=default, steps=8, seed=0 (1 runs)"]
+    for option, ranks in (("data=default, steps=5, seed=0 (2 runs)", [1, 2]), ("data=default, steps=8, seed=0 (1 runs)", [4])):
+        choice.set_value(option).run()
+        spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                    if "versus LoRA rank" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+        assert values(spec["data"][0]["x"]) == ranks
+        choice = at.selectbox(key="ra_settings")

@@ -23,9 +23,14 @@ METRICS = ["val_accuracy", "val_perplexity", "val_loss"]
 
 
 def delta_norms(runs: list[runstore.Run]) -> pd.DataFrame:
+    """‖ΔW‖_F over the modules LoRA adapted (full fine-tuning's norm over the same modules, so the
+    dashed line compares like with like)."""
+    lora_modules = set().union(*(set(spectra_for(r)["name"]) for r in runs if r.method == "lora"))
     rows = []
     for run in runs:
         spectra = spectra_for(run)
+        if run.method == "full" and lora_modules:
+            spectra = spectra[spectra["name"].isin(lora_modules)]
         rows.append({"id": run.id, "name": run.name, "method": run.method, "status": run.status,
                      "rank": run.config.get("rank") if run.method == "lora" else None,
                      "alpha": run.config.get("alpha") if run.method == "lora" else None,
@@ -54,8 +59,19 @@ def page() -> None:
     models = list(dict.fromkeys(frame["model"]))
     c = st.columns(2)
     model = c[0].selectbox("Model", models, key="ra_model")
-    frame = frame[frame["model"] == model]
     chosen_runs = [r for r in runs if r.model == model]
+    # runs of different data, steps or seed do not belong on one line: offer one set at a time
+    # (learning rates differ by method on purpose: LoRA takes a larger one)
+    settings = {}
+    for r in chosen_runs:
+        key = (r.config.get("data"), r.config.get("steps"), r.config.get("seed"))
+        settings.setdefault(key, []).append(r)
+    if len(settings) > 1:
+        labels = {f"data={k[0] or 'default'}, steps={k[1]}, seed={k[2]} ({len(v)} runs)": v
+                  for k, v in settings.items()}
+        chosen_runs = labels[st.selectbox("Runs with the same data and optimisation settings", list(labels),
+                                          key="ra_settings")]
+    frame = frame[frame["id"].isin({r.id for r in chosen_runs})]
     metrics = [m for m in METRICS if m in frame.columns and frame[m].notna().any()]
     metric = c[1].selectbox("Metric", metrics, key="ra_metric")
 

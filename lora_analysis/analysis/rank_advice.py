@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter
+from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, atomic_write
 from ..lora.layer import compute_scaling
 from ..weights import ModuleUpdate
 from .spectra import cumulative_energy, energy_rank, factored_svd, update_spectrum
@@ -200,18 +199,6 @@ def reduce_rank(adapter: Adapter, rank: int | Mapping[str, int], alpha_mode: str
     return ReducedAdapter(config, factors, scalings, dict(adapter.extra), report)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_reduced_adapter(reduced: ReducedAdapter, directory: str | os.PathLike) -> Path:
     """Write ``reduced`` as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``
     with keys ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``), each file atomically."""
@@ -223,7 +210,7 @@ def save_reduced_adapter(reduced: ReducedAdapter, directory: str | os.PathLike) 
         state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
     for key, value in reduced.extra.items():
         state[f"{PREFIX}{key}"] = value.contiguous()
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     text = json.dumps(reduced.config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return directory
