@@ -27,3 +27,19 @@ def test_full_run_without_whole_model_cannot_be_restored(lora_home):
     (result.run_dir / runstore.FULL_MODEL).unlink()
     with pytest.raises(ValueError, match="cannot be rebuilt"):
         restore_run(runstore.load_run(result.run_id))
+
+
+@pytest.mark.parametrize("model", ["mlp-digits", "tiny-gpt"])
+def test_merged_equals_unmerged_on_every_built_in_model(lora_home, model):
+    """float32: merged, merge-then-unmerge and merge_and_unload give the unmerged outputs to within 1e-5
+    relative to the outputs' size (the logits reach tens, where float32 itself resolves ~1e-6)."""
+    from lora_analysis.analysis.merge_check import merge_check
+
+    result = train(TrainConfig(model=model, rank=4, alpha=16, steps=15, pretrain_steps=30))
+    restored = restore_run(runstore.load_run(result.run_id))
+    check = merge_check(restored.model, restored.held_out_inputs(32), dtypes=["float32"])
+    errors = check.errors.set_index("variant")
+    for variant in ("merged", "merged_unmerged", "merge_and_unload"):
+        assert errors.loc[variant, "max_rel"] < 1e-5, (variant, errors.loc[variant].to_dict())
+        assert errors.loc[variant, "max_abs"] < 1e-4, variant
+    assert check.params.loc[1, "total_params"] == check.params.loc[0, "total_params"] - check.params.loc[0, "lora_params"]
