@@ -384,7 +384,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _base_weights_from_model(run: Run, names: list[str]) -> dict[str, torch.Tensor]:
     """W0 (out, in) of ``names`` rebuilt from the run's base model (the cached built-in base, or the
     Hugging Face model it names), for runs that did not keep base_weights.safetensors."""
-    from .lora.layer import is_conv1d
+    from .lora.layer import weight_out_in
     from .training.models import prepare_task
 
     c = run.config
@@ -395,8 +395,7 @@ def _base_weights_from_model(run: Run, names: list[str]) -> dict[str, torch.Tens
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"run {run.id}: the base model has no module {missing[0]!r}")
-    return {n: (modules[n].weight.T if is_conv1d(modules[n]) else modules[n].weight).detach().float().clone()
-            for n in names}
+    return {n: weight_out_in(modules[n]).detach().float().clone() for n in names}
 
 
 def load_updates(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> dict[str, ModuleUpdate]:

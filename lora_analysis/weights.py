@@ -7,6 +7,7 @@ update is the dense pair (W0, W_ft). All matrices use the nn.Linear orientation 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 
@@ -64,3 +65,8 @@ class ModuleUpdate:
         if self.w_ft is not None:
             return self.w_ft.float() - self.w0.float()
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+
+def as_update_list(updates: "Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]") -> list[ModuleUpdate]:
+    """Analyses accept ``{name: update}`` or any iterable of updates."""
+    return list(updates.values()) if isinstance(updates, Mapping) else list(updates)

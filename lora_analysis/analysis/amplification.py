@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 import torch
 
-from ..weights import ModuleUpdate
+from ..weights import ModuleUpdate, as_update_list
 from .spectra import Spectrum, base_spectrum, update_spectrum
 
 # Full fine-tuning has no rank: project on this many top directions unless told otherwise.
@@ -86,7 +86,7 @@ def amplification(update: ModuleUpdate, r: int | None = None, seed: int = 0,
 def amplification_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], r: int | None = None,
                         seed: int = 0) -> pd.DataFrame:
     """One :func:`amplification` row per module (all need W0)."""
-    items = list(updates.values()) if isinstance(updates, Mapping) else list(updates)
+    items = as_update_list(updates)
     return pd.DataFrame([amplification(u, r, seed) for u in items],
                         columns=["name", "kind", "r", "delta_fro", "w0_fro", "proj_delta", "proj_w0",
                                  "proj_random", "amplification"])

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..weights import ModuleUpdate
+from ..weights import ModuleUpdate, as_update_list
 from .spectra import Spectrum, base_spectrum, dense_svd
 
 DEFAULT_K = 10
@@ -92,16 +92,12 @@ def intruder_dimensions(update: ModuleUpdate, k: int = DEFAULT_K, epsilon: float
     return IntruderResult(update.name, update.kind, max_cosines(base.U, ft.U[:, :k_eff]), float(epsilon))
 
 
-def _items(updates) -> list[ModuleUpdate]:
-    return list(updates.values()) if isinstance(updates, Mapping) else list(updates)
-
-
 def intruders_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], k: int = DEFAULT_K,
                     epsilon: float = DEFAULT_EPSILON) -> pd.DataFrame:
     """One row per module: name, kind, k, epsilon, intruders (count), intruder_indices, min_max_cos.
     The total is ``frame["intruders"].sum()``."""
     rows = []
-    for u in _items(updates):
+    for u in as_update_list(updates):
         res = intruder_dimensions(u, k, epsilon)
         rows.append({"name": res.name, "kind": res.kind, "k": res.k, "epsilon": res.epsilon, "intruders": res.count,
                      "intruder_indices": res.intruders,
@@ -124,7 +120,7 @@ def intruder_sweep(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate],
             _check(k, e)
     k_max = max(ks)
     rows = []
-    for u in _items(updates):
+    for u in as_update_list(updates):
         res = intruder_dimensions(u, k_max, DEFAULT_EPSILON)
         for k in ks:
             head = res.max_cos[:k]

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, atomic_write
 from ..lora.layer import compute_scaling
-from ..weights import ModuleUpdate
+from ..weights import ModuleUpdate, as_update_list
 from .spectra import cumulative_energy, energy_rank, factored_svd, update_spectrum
 
 ALPHA_MODES = ("ratio", "fixed")
@@ -73,7 +73,7 @@ def rank_advice(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], en
     _check_rank(min_rank, "min_rank")
     if max_rank is not None:
         _check_rank(max_rank, "max_rank")
-    items = list(updates.values()) if isinstance(updates, Mapping) else list(updates)
+    items = as_update_list(updates)
     rows = []
     for u in items:
         s = update_spectrum(u).S

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..weights import ModuleUpdate
+from ..weights import ModuleUpdate, as_update_list
 
 DENSE_FLOAT64_MAX = 2048 * 2048
 # Singular values at or below this share of σ₁ are rounding noise of a rank-deficient matrix.
@@ -212,13 +212,9 @@ SPECTRA_COLUMNS = ["name", "kind", "out_features", "in_features", "shape", "rank
                    "normalized_spectrum", "singular_values"]
 
 
-def _as_updates(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> list[ModuleUpdate]:
-    return list(updates.values()) if isinstance(updates, Mapping) else list(updates)
-
-
 def spectra_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> pd.DataFrame:
     """One row per module: name, kind ("lora"/"full"), out_features, in_features, shape [out, in], rank
     (None for full fine-tuning), scaling, the :func:`spectrum_metrics` numbers, and
     ``singular_values`` of the scaled ΔW (a list, descending)."""
-    rows = [module_spectrum_row(u) for u in _as_updates(updates)]
+    rows = [module_spectrum_row(u) for u in as_update_list(updates)]
     return pd.DataFrame(rows, columns=SPECTRA_COLUMNS)

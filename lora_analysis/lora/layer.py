@@ -40,6 +40,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(module.out_features), int(module.in_features)
 
 
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in) whatever its storage (Conv1D keeps (in, out)); a view, not a copy."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 def compute_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
     """alpha / r (LoRA paper) or alpha / sqrt(r) (rsLoRA)."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank

@@ -27,7 +27,7 @@ from .. import runstore
 from ..device import pick_device
 from ..lora import apply_lora, lora_layers, save_adapter
 from ..lora.config import ALL_LINEAR, LoRAConfig
-from ..lora.layer import INIT_METHODS, compute_scaling, is_adaptable, is_conv1d, linear_shape
+from ..lora.layer import INIT_METHODS, compute_scaling, is_adaptable, linear_shape, weight_out_in
 from ..lora.model import _output_head_names, find_targets
 from .data import ClassificationSplit, classification_batch, token_batch, token_eval_batches
 from .models import Task, check_model_name, prepare_task
@@ -173,8 +173,7 @@ def _is_cancelled(cancel: Cancel) -> bool:
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    w = module.weight
-    return (w.T if is_conv1d(module) else w).detach().float().cpu().clone()
+    return weight_out_in(module).detach().float().cpu().clone()
 
 
 def adaptable_modules(model: nn.Module) -> list[str]:
