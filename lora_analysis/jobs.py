@@ -4,7 +4,9 @@ Streamlit re-runs a page script on every click, so training must not live in it.
 job spec to ``<home>/jobs/<id>/job.json`` and starts ``python -m lora_analysis.jobs <job dir>`` in its own
 process group. The worker runs the library call and keeps ``progress.json`` up to date; a page polls
 ``read_job``. ``cancel_job`` sends SIGTERM: the worker asks the trainer to stop at the next step and the
-run is recorded as cancelled. A worker that died without saying so is reported as interrupted.
+run is recorded as cancelled. A worker that died without saying so is reported as interrupted. A worker
+is known by its pid and its start time (:mod:`lora_analysis.store.liveness`, as runs are), so a pid that
+the system gave to another process after the worker died is neither "running" nor ever signalled.
 Closing the browser tab changes nothing: the job and its runs live on disk.
 """
 
@@ -23,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from .paths import home_dir
-from .runstore import atomic_write_text, pid_alive
+from .store.files import atomic_write_text
+from .store.liveness import is_alive, on_this_host, process_identity
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
@@ -44,6 +49,12 @@ class Job:
     error: str | None = None
     progress: dict = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
+    pid_start_time: float | None = None     # with ``pid``, the worker's identity (None: an older record)
+    host: str | None = None
+
+    @property
+    def identity(self) -> dict:
+        return {"pid": self.pid, "pid_start_time": self.pid_start_time, "host": self.host}
 
     @property
     def done(self) -> bool:
@@ -60,9 +71,17 @@ def _write_json(path: Path, value: dict) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _worker_identity(pid: int) -> dict:
+    try:
+        return process_identity(pid)
+    except psutil.NoSuchProcess:      # already gone (and reaped): a start time no process will ever match
+        return {"pid": pid, "pid_start_time": 0.0, "host": process_identity()["host"]}
 
 
 def start_job(kind: str, spec: dict, home: Path | None = None) -> Job:
@@ -83,7 +102,7 @@ def start_job(kind: str, spec: dict, home: Path | None = None) -> Job:
     proc = subprocess.Popen([sys.executable, "-m", "lora_analysis.jobs", str(directory)], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     log.close()
-    record.update(pid=proc.pid, status="running")
+    record.update(_worker_identity(proc.pid), status="running")
     _write_json(directory / "job.json", record)
     return read_job(directory)
 
@@ -95,15 +114,20 @@ def read_job(directory: Path | str) -> Job:
         raise ValueError(f"'{directory}' holds no readable job.json")
     progress = _read_json(directory / "progress.json")
     status = record.get("status", "running")
-    if status in ("running", "starting") and not pid_alive(record.get("pid")):
+    # a worker on another machine (a shared home) cannot be checked from here: its record says
+    if status in ("running", "starting") and on_this_host(record) and not is_alive(record):
         # the worker writes its final status before exiting; re-read in case it just did
         record = _read_json(directory / "job.json") or record
         status = record.get("status", "running")
         if status in ("running", "starting"):
             status = "interrupted"
+    missing = [key for key in ("id", "kind") if key not in record]
+    if missing:
+        raise ValueError(f"'{directory / 'job.json'}' has no {missing[0]!r}: not a job record")
     return Job(id=record["id"], dir=directory, kind=record["kind"], spec=record.get("spec", {}), status=status,
                pid=record.get("pid"), started=record.get("started", 0.0), finished=record.get("finished"),
-               error=record.get("error"), progress=progress, run_ids=record.get("run_ids", []))
+               error=record.get("error"), progress=progress, run_ids=record.get("run_ids", []),
+               pid_start_time=record.get("pid_start_time"), host=record.get("host"))
 
 
 def list_jobs(home: Path | None = None) -> list[Job]:
@@ -113,18 +137,21 @@ def list_jobs(home: Path | None = None) -> list[Job]:
     for d in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
         try:
             jobs.append(read_job(d))
-        except (ValueError, KeyError):
+        except ValueError:
             continue
     return jobs
 
 
 def cancel_job(job: Job) -> None:
-    """Ask the worker to stop (SIGTERM to its process group); the run in progress is marked cancelled."""
-    if job.done:
+    """Ask the worker to stop (SIGTERM to its process group); the run in progress is marked cancelled.
+
+    Only a worker that is still the process the job started is signalled: once it has died, its pid may
+    name an unrelated process group."""
+    if job.done or not (on_this_host(job.identity) and is_alive(job.identity)):
         return
     try:
         os.killpg(job.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, TypeError):
+    except ProcessLookupError:        # it exited between the check and the signal
         pass
 
 
@@ -168,7 +195,7 @@ def _worker(directory: Path) -> int:
     try:
         run_ids = KINDS[record["kind"]].run(record["spec"], report, cancelled, Path(record["home"]))
         record.update(status="cancelled" if cancelled.is_set() else "completed", run_ids=run_ids)
-    except Exception as exc:  # recorded for the page, and the traceback goes to the job's log
+    except Exception as exc:  # the process boundary: recorded for the page, the traceback in the job's log
         traceback.print_exc()
         record.update(status="cancelled" if cancelled.is_set() else "failed", error=str(exc))
     record["finished"] = time.time()

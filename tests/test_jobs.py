@@ -1,8 +1,12 @@
 """Background jobs: a sweep runs in another process, reports progress, can be cancelled, and a worker that
 died is reported as interrupted. Closing the dashboard changes nothing: everything lives on disk."""
 
+import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -25,6 +29,7 @@ def wait(job, timeout=120.0, until=lambda j: j.done):
 def test_sweep_job_runs_in_background_and_fills_the_store(lora_home):
     job = jobs.start_job("sweep", SPEC)
     assert job.status == "running" and job.pid and job.pid != os.getpid()
+    assert job.pid_start_time is not None and job.pid_start_time >= job.started - 1.0   # the worker, not a pid
     job = wait(job)
     assert job.status == "completed", (job.error, (job.dir / "log.txt").read_text()[-2000:])
     assert len(job.run_ids) == 2
@@ -73,3 +78,58 @@ def test_cancel_while_the_base_pretrains(lora_home):
     job = wait(job)
     assert job.status == "cancelled" and "while pretraining" in job.error
     assert set((lora_home / "cache").glob("**/tiny-gpt*")) == cached_before   # nothing half-trained was cached
+
+
+def test_a_job_whose_pid_was_reused_is_interrupted_and_cancel_never_signals_it(lora_home, monkeypatch):
+    """The worker was SIGKILLed and its pid now belongs to an unrelated process (group): the job must not
+    read as running, and Cancel must not signal that process group."""
+    import psutil
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        directory = jobs.jobs_dir() / "20260101-000000-reused"
+        directory.mkdir(parents=True)
+        started = psutil.Process(stranger.pid).create_time()
+        (directory / "job.json").write_text(json.dumps({
+            "id": directory.name, "kind": "sweep", "spec": SPEC, "status": "running", "pid": stranger.pid,
+            "pid_start_time": started - 1000.0, "started": started - 1000.0}))
+        job = jobs.read_job(directory)
+        assert job.status == "interrupted"
+        signals = []
+        monkeypatch.setattr(os, "killpg", lambda pgid, sig: signals.append((pgid, sig)))
+        # a page still holding the job as it read it while the worker lived
+        jobs.cancel_job(dataclasses.replace(job, status="running"))
+        assert signals == [] and stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_cancel_signals_a_live_worker(lora_home, monkeypatch):
+    import psutil
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        directory = jobs.jobs_dir() / "20260101-000000-alive0"
+        directory.mkdir(parents=True)
+        (directory / "job.json").write_text(json.dumps({
+            "id": directory.name, "kind": "sweep", "spec": SPEC, "status": "running", "pid": worker.pid,
+            "pid_start_time": psutil.Process(worker.pid).create_time(), "started": time.time()}))
+        job = jobs.read_job(directory)
+        assert job.status == "running"
+        signals = []
+        monkeypatch.setattr(os, "killpg", lambda pgid, sig: signals.append((pgid, sig)))
+        jobs.cancel_job(job)
+        assert signals == [(worker.pid, signal.SIGTERM)]
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_job_record_without_its_keys_is_skipped(lora_home):
+    directory = jobs.jobs_dir() / "20260101-000000-nokind"
+    directory.mkdir(parents=True)
+    (directory / "job.json").write_text(json.dumps({"id": directory.name, "status": "running"}))
+    with pytest.raises(ValueError, match="kind"):
+        jobs.read_job(directory)
+    assert jobs.list_jobs() == []

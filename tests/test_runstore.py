@@ -40,6 +40,7 @@ def test_a_run_directory_holds_record_metrics_and_adapter(lora_run):
     assert run.status == "completed" and run.finished >= run.created
     assert run.config["rank"] == 2 and run.config["seed"] == 0 and run.environment["torch"] == torch.__version__
     assert run.environment["device"] == "cpu" and run.record["pid"] == os.getpid()
+    assert run.record["pid_start_time"] == pytest.approx(__import__("psutil").Process().create_time(), abs=1.0)
     frame = run.metrics_frame()
     assert frame["step"].tolist() == list(range(13))
     assert frame["val_accuracy"].notna().tolist() == [s in (0, 6, 12) for s in range(13)]
@@ -158,7 +159,7 @@ def test_hostile_or_broken_zips_are_refused(lora_home, tmp_path, entries, messag
         runstore.import_run(bundle)
     root = lora_home / "runs"
     assert not root.exists() or not list(root.iterdir())      # nothing left behind, not even staging
-    assert not (tmp_path / "evil.json").exists()
+    assert not list(lora_home.rglob("evil.json")) and not (tmp_path / "evil.json").exists()
 
 
 def test_zip_size_limit_and_symlinks_and_non_zips(lora_home, tmp_path):
@@ -185,3 +186,149 @@ def test_load_updates_refuses_unfinished_runs(lora_home):
         runstore.load_updates(writer.id)
     with pytest.raises(ValueError, match="not found"):
         runstore.load_run("no-such-run")
+
+
+# ---- metrics are appended (defect 5) -------------------------------------------------------------------
+
+def test_flush_appends_only_the_new_rows_and_the_csv_reads_back_equal(lora_home):
+    writer = runstore.create_run({"model": "mlp-digits", "method": "lora"}, name="append")
+    path = writer.dir / runstore.METRICS_FILE
+    logged = [{"step": 0, "train_loss": float("nan"), "val_loss": 2.5, "val_accuracy": 0.1}]
+    writer.log(logged[0])
+    for step in range(1, 1001):
+        row = {"step": step, "train_loss": 1.0 / step, "lr": 0.01}
+        if step % 100 == 0:
+            row |= {"val_loss": 1.0 / step, "val_accuracy": step / 1000}
+        logged.append(row)
+        writer.log(row)
+    writer.flush()
+    before, inode = path.read_bytes(), path.stat().st_ino
+    logged.append({"step": 1001, "train_loss": 0.5, "lr": 0.01})
+    writer.log(logged[-1])
+    writer.flush()
+    after = path.read_bytes()
+    # the flush wrote one short line after 1001 rows: the file was appended to, not rewritten
+    assert path.stat().st_ino == inode and after.startswith(before)
+    assert after[len(before):] == b"1001,0.5,,,0.01\n"
+    # a column that appears late rewrites the file once, with the new header
+    logged.append({"step": 1002, "train_loss": 0.4, "lr": 0.01, "grad_norm": 3.0})
+    writer.log(logged[-1])
+    writer.finish("completed", {})
+    expected = pd.DataFrame(logged)
+    got = runstore.load_run(writer.id).metrics_frame()
+    pd.testing.assert_frame_equal(got[expected.columns], expected, check_dtype=False)
+    assert not list(writer.dir.glob(".*"))
+
+
+# ---- liveness by pid and start time (defect 7) -------------------------------------------------------------
+
+def test_a_run_whose_pid_was_reused_reads_as_interrupted(lora_home):
+    writer = runstore.create_run({"model": "mlp-digits", "method": "lora"}, name="reused")
+    record = json.loads((writer.dir / "run.json").read_text())
+    assert record["pid"] == os.getpid() and runstore.load_run(writer.id).status == "running"
+    # the pid is alive (it is this test's process) but it is not the process that wrote the run
+    record["pid_start_time"] = __import__("psutil").Process().create_time() - 1000.0
+    (writer.dir / "run.json").write_text(json.dumps(record))
+    assert runstore.load_run(writer.id).status == "interrupted"
+    runstore.delete_run(writer.id)          # an interrupted run can be deleted
+
+
+# ---- leftovers are cleaned (defect 12) ----------------------------------------------------------------------
+
+def test_leftovers_of_deletes_and_of_dead_imports_are_cleaned(lora_home, monkeypatch):
+    import psutil
+    import shutil
+
+    root = lora_home / "runs"
+    writer = runstore.create_run({"model": "mlp-digits", "method": "lora"}, name="doomed")
+    writer.finish("completed", {})
+    real_rmtree = shutil.rmtree
+
+    def crash(path, *args, **kwargs):      # the deleting process dies half way
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        runstore.delete_run(writer.id)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name.startswith(".deleting-") for p in root.iterdir()] == [True]
+    me = psutil.Process()
+    dead = root / f".import-{_dead_pid()}-{int(me.create_time() * 1000)}-abcd"
+    live = root / f".import-{os.getpid()}-{int(me.create_time() * 1000)}-ef01"   # an import in progress
+    for d in (dead, live):
+        d.mkdir()
+        (d / "metrics.csv").write_text("step\n")
+    assert runstore.list_runs() == []
+    assert sorted(p.name for p in root.iterdir()) == [live.name]
+
+
+# ---- old run folders (format 1) still load -------------------------------------------------------------------
+
+def _v1_run(root, run_id, status, pid, with_adapter=True):
+    """A run folder exactly as version 1 wrote it: run.json without a process start time, metrics.csv with
+    every row rewritten under one header, the adapter and W0 keyed by module name."""
+    import csv
+    import io
+
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from lora_analysis.lora import apply_lora, save_adapter
+
+    directory = root / run_id
+    directory.mkdir(parents=True)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 3))
+    w0 = base[0].weight.detach().clone()
+    model = apply_lora(base, ["0"], rank=2, alpha=2.0)
+    nn.init.normal_(model[0].lora_B.weight)
+    if with_adapter:
+        save_adapter(model, directory / "adapter")
+        save_file({"0": w0}, str(directory / "base_weights.safetensors"), metadata={"format": "pt"})
+    record = {"format_version": 1, "id": run_id, "name": f"v1 {status}", "sweep_id": None, "status": status,
+              "created": 1700000000.0, "heartbeat": time.time(), "finished": None if status == "running" else 1.0,
+              "pid": pid, "host": __import__("socket").gethostname(),
+              "config": {"model": "mlp-digits", "method": "lora", "rank": 2, "alpha": 2.0},
+              "task": {"model": "mlp-digits"}, "environment": {"torch": "2.5"}, "metrics": {"val_loss": 0.5},
+              "error": None}
+    (directory / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=["step", "train_loss", "lr", "elapsed_s", "val_loss"], extrasaction="ignore",
+                       lineterminator="\n")
+    w.writeheader()
+    w.writerows([{"step": 0, "train_loss": float("nan"), "lr": 0.1, "elapsed_s": 0.0, "val_loss": 1.0},
+                 {"step": 1, "train_loss": 0.9, "lr": 0.1, "elapsed_s": 0.1}])
+    (directory / "metrics.csv").write_text(out.getvalue())
+    return directory, model, w0
+
+
+def test_a_format_1_run_folder_still_loads(lora_home):
+    root = lora_home / "runs"
+    directory, model, w0 = _v1_run(root, "20240101-000000-00000001", "completed", pid=_dead_pid())
+    _v1_run(root, "20240101-000000-00000002", "running", pid=_dead_pid(), with_adapter=False)
+    _v1_run(root, "20240101-000000-00000003", "running", pid=os.getpid(), with_adapter=False)
+    runs = {r.id[-1]: r for r in runstore.list_runs()}
+    assert {k: r.status for k, r in runs.items()} == {"1": "completed", "2": "interrupted", "3": "running"}
+    frame = runs["1"].metrics_frame()
+    assert frame["step"].tolist() == [0, 1] and frame["val_loss"].tolist()[0] == 1.0
+    assert pd.isna(frame["val_loss"].tolist()[1])
+    [update] = runstore.load_updates(runs["1"]).values()
+    assert torch.equal(update.w0, w0)
+    torch.testing.assert_close(update.dense_delta(), model[0].delta_weight())
+
+
+def test_reading_tensors_turns_only_file_errors_into_value_errors(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        runstore._read_tensors(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        runstore._read_tensors(tmp_path / "missing.safetensors")
+
+    def bug(path):
+        raise KeyError("a programming error")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", bug)
+    with pytest.raises(KeyError, match="a programming error"):           # a bug shows as a bug
+        runstore._read_tensors(tmp_path / "bad.safetensors")

@@ -1,0 +1,467 @@
+"""Runs on disk: every training run is one directory that the analyses and the dashboard read.
+
+    <runs root>/<run id>/
+        run.json                  config, seed, environment, status, error, final metrics, timestamps, and
+                                  the writer's identity (pid, its start time, host)
+        metrics.csv               one row per step: train_loss (+ val_* on evaluation steps); appended to
+        adapter/                  LoRA runs: the adapter in PEFT format (adapter_config.json + safetensors)
+        full_weights.safetensors  full fine-tuning runs: W_ft of every adaptable module, (out, in) float32
+        base_weights.safetensors  W0 of the same modules, (out, in), when small enough to keep beside the run
+
+The runs root is ``--runs-dir`` when given, else ``$LORA_ANALYSIS_HOME/runs``, else the user data folder.
+Crash safety: run.json and the tensors are replaced through :mod:`.files` (temp file, fsync, rename), so a
+reader sees the old or the new file; metrics.csv only grows, so a flush appends its new rows. A run left
+"running" by a process that died (its pid is gone or now names another process, or its heartbeat is stale)
+is reported as "interrupted". A directory without a readable run.json is skipped with a warning. Run ids
+are a timestamp plus a random suffix, and a directory is claimed with an exclusive ``mkdir``, so concurrent
+runs never share one.
+
+Reading a run never trains, downloads or rebuilds anything: :func:`load_updates` takes W0 from the run's
+own base_weights.safetensors, or from a ``base`` the caller names.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..paths import home_dir
+from ..weights import ModuleUpdate
+from .files import append_text, atomic_save_tensors, atomic_write_text
+from .liveness import is_alive, on_this_host, process_identity
+
+STATUSES = ("running", "completed", "failed", "interrupted", "cancelled")
+RUN_FILE, METRICS_FILE = "run.json", "metrics.csv"
+ADAPTER_DIR, FULL_WEIGHTS, BASE_WEIGHTS = "adapter", "full_weights.safetensors", "base_weights.safetensors"
+# every parameter of a fully fine-tuned model (biases and norms too), kept when small, to restore the model
+FULL_MODEL = "full_model.safetensors"
+HEARTBEAT_STALE_S = 300.0          # a "running" run on another host silent for this long is interrupted
+FORMAT_VERSION = 1                 # later fields (pid_start_time, base_revision) are additions: still 1
+# the run's task record keeps the resolved revision of its base model under this key (commit hash)
+BASE_REVISION_KEY = "base_revision"
+DELETING_PREFIX, IMPORTING_PREFIX = ".deleting-", ".import-"
+_IMPORT_NAME = re.compile(r"^\.import-(?P<pid>\d+)-(?P<ms>\d+)-[0-9a-f]+$")
+STALE_LEFTOVER_S = 24 * 3600.0     # an import folder whose owner cannot be told is dropped after a day
+
+
+def runs_root(runs_dir: str | os.PathLike | None = None) -> Path:
+    """``runs_dir`` if given, else ``<home>/runs`` (home: ``$LORA_ANALYSIS_HOME`` or the user data folder)."""
+    return Path(runs_dir).expanduser() if runs_dir else home_dir() / "runs"
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """Versions and hardware a run used (recorded in run.json)."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "host": socket.gethostname(), "cpu_threads": torch.get_num_threads()}
+    try:  # the installed version, without importing transformers here
+        env["transformers"] = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        pass
+    if device is not None:
+        device = torch.device(device)
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """A run as read from disk. ``status`` is the effective one (a dead "running" run reads "interrupted");
+    ``record`` is run.json as stored."""
+
+    id: str
+    dir: Path
+    status: str
+    config: dict
+    metrics: dict
+    created: float
+    finished: float | None
+    error: str | None
+    name: str
+    sweep_id: str | None
+    environment: dict
+    task: dict
+    record: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "lora")
+
+    @property
+    def model(self) -> str:
+        return self.config.get("model", "")
+
+    def metrics_frame(self) -> pd.DataFrame:
+        """Per-step metrics (step, train_loss, val_loss, val_accuracy or val_perplexity, lr, elapsed_s)."""
+        path = self.dir / METRICS_FILE
+        if not path.is_file():
+            return pd.DataFrame(columns=["step", "train_loss"])
+        return pd.read_csv(path)
+
+
+def effective_status(record: dict, now: float | None = None) -> str:
+    """The status to show: a "running" record whose process is gone reads "interrupted"."""
+    status = record.get("status", "running")
+    if status != "running":
+        return status if status in STATUSES else "failed"
+    now = time.time() if now is None else now
+    silent = now - float(record.get("heartbeat") or record.get("created") or 0.0)
+    if not on_this_host(record):
+        return "running" if silent < HEARTBEAT_STALE_S else "interrupted"
+    if record.get("pid_start_time") is not None:
+        return "running" if is_alive(record) else "interrupted"
+    # a run written before start times were kept: its pid, and a very old heartbeat for a recycled pid
+    return "running" if is_alive(record) and silent < 12 * HEARTBEAT_STALE_S else "interrupted"
+
+
+def read_run(directory: str | os.PathLike) -> Run:
+    """Read one run directory; raises ``ValueError`` if its run.json is missing or unreadable."""
+    directory = Path(directory)
+    path = directory / RUN_FILE
+    if not path.is_file():
+        raise ValueError(f"'{directory}' has no {RUN_FILE}: not a run directory")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise ValueError(f"{path} does not hold a run record")
+    return Run(id=str(record.get("id", directory.name)), dir=directory, status=effective_status(record),
+               config=record.get("config") or {}, metrics=record.get("metrics") or {},
+               created=float(record.get("created") or 0.0), finished=record.get("finished"),
+               error=record.get("error"), name=str(record.get("name") or directory.name),
+               sweep_id=record.get("sweep_id"), environment=record.get("environment") or {},
+               task=record.get("task") or {}, record=record)
+
+
+def _remove_tree(path: Path) -> None:
+    """``rmtree`` that lets another process remove the same tree at the same time."""
+    def gone_already(func, failed, exc_info):
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+    shutil.rmtree(path, onerror=gone_already)
+
+
+def _leftover_is_stale(entry: Path) -> bool:
+    """A ``.deleting-*`` folder always is (its run was already removed from the listing); an ``.import-*``
+    folder is when the importing process is gone."""
+    if entry.name.startswith(DELETING_PREFIX):
+        return True
+    match = _IMPORT_NAME.match(entry.name)
+    if match:
+        return not is_alive({"pid": int(match["pid"]), "pid_start_time": int(match["ms"]) / 1000})
+    return time.time() - entry.stat().st_mtime > STALE_LEFTOVER_S   # named by an older version
+
+
+def clean_leftovers(runs_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove what interrupted deletes and imports left under the runs root; returns what was removed."""
+    root = runs_root(runs_dir)
+    removed = []
+    for entry in root.iterdir() if root.is_dir() else []:
+        if not entry.name.startswith((DELETING_PREFIX, IMPORTING_PREFIX)) or entry.is_symlink():
+            continue
+        try:
+            if entry.is_dir() and _leftover_is_stale(entry):
+                _remove_tree(entry)
+                removed.append(entry)
+        except OSError as exc:      # e.g. a read-only shared store: reading it must still work
+            warnings.warn(f"could not remove the leftover {entry}: {exc}", stacklevel=3)
+    return removed
+
+
+def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
+    """Every readable run under the root, newest first. Unreadable directories are skipped with a warning;
+    hidden entries (temporary files, imports in progress) are ignored, and leftovers of interrupted
+    deletes and imports are removed."""
+    root = runs_root(runs_dir)
+    clean_leftovers(root)
+    runs = []
+    for d in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            runs.append(read_run(d))
+        except (ValueError, OSError) as exc:
+            warnings.warn(f"skipping run directory {d}: {exc}", stacklevel=2)
+    runs.sort(key=lambda r: (r.created, r.id), reverse=True)
+    return runs
+
+
+def latest_sweep(runs: list[Run]) -> list[Run]:
+    """The completed runs of the newest sweep, or all completed runs when none belongs to a sweep."""
+    done = [r for r in runs if r.status == "completed"]
+    sweep = next((r.sweep_id for r in done if r.sweep_id), None)
+    return [r for r in done if r.sweep_id == sweep] if sweep else done
+
+
+def _row(run: Run) -> dict:
+    c, m = run.config, run.metrics
+    return {"id": run.id, "name": run.name, "sweep_id": run.sweep_id, "status": run.status,
+            "model": c.get("model"), "method": c.get("method"), "rank": c.get("rank") if c.get("method") == "lora"
+            else None, "alpha": c.get("alpha") if c.get("method") == "lora" else None,
+            "scaling": m.get("scaling"), "rslora": c.get("rslora"), "targets": _targets_label(c.get("targets")),
+            "init": c.get("init"), "lr": c.get("lr"), "steps": c.get("steps"), "seed": c.get("seed"),
+            "created": pd.Timestamp(run.created, unit="s") if run.created else pd.NaT,
+            "duration_s": m.get("train_seconds"), **{k: v for k, v in m.items() if k not in ("scaling",)},
+            "error": run.error}
+
+
+def _targets_label(targets) -> str | None:
+    if targets is None:
+        return None
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def runs_frame(runs_dir: str | os.PathLike | None = None, runs: list[Run] | None = None) -> pd.DataFrame:
+    """One row per run: id, name, status, model, method, rank, alpha, targets, lr, steps, seed, created,
+    and the final metrics (val_loss, val_accuracy or val_perplexity, base_*, trainable_params,
+    samples_per_s, train_seconds, training_state_bytes, peak_rss_bytes, ...)."""
+    runs = list_runs(runs_dir) if runs is None else runs
+    columns = ["id", "name", "sweep_id", "status", "model", "method", "rank", "alpha", "scaling", "rslora",
+               "targets", "init", "lr", "steps", "seed", "created", "duration_s"]
+    frame = pd.DataFrame([_row(r) for r in runs])
+    return frame if len(frame) else pd.DataFrame(columns=columns)
+
+
+def load_metrics(runs: list[Run]) -> pd.DataFrame:
+    """Per-step metrics of several runs in one long frame, with ``run_id`` and ``name`` columns."""
+    frames = [r.metrics_frame().assign(run_id=r.id, name=r.name, method=r.method) for r in runs]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "name", "step"])
+
+
+def resolve_run_dir(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of a run given by id, unique id prefix, directory path or :class:`Run`."""
+    if isinstance(run, Run):
+        return run.dir
+    path = Path(run)
+    if path.is_dir() and (path / RUN_FILE).exists():
+        return path
+    root = runs_root(runs_dir)
+    candidate = root / str(run)
+    if str(run) and "/" not in str(run) and not str(run).startswith(".") and candidate.is_dir():
+        return candidate
+    matches = ([d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                and d.name.startswith(str(run))] if root.is_dir() else [])
+    if len(matches) == 1 and str(run):
+        return matches[0]
+    raise ValueError(f"run {str(run)!r} not found under {root}" + (" (the prefix is ambiguous)" if matches else ""))
+
+
+def load_run(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> Run:
+    """A run by id (or unique id prefix, or directory path)."""
+    return read_run(resolve_run_dir(run, runs_dir))
+
+
+def delete_run(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> None:
+    """Remove a run directory. A run still running in a live process is refused."""
+    path = resolve_run_dir(run, runs_dir)
+    current = read_run(path) if (path / RUN_FILE).is_file() else None
+    if current is not None and current.status == "running":
+        raise ValueError(f"run {current.id} is still running (pid {current.record.get('pid')}): cancel it first")
+    # rename first so a half-deleted run never lists as a damaged one; if the removal stops half way, the
+    # next listing (clean_leftovers) finishes it
+    trash = path.with_name(f"{DELETING_PREFIX}{path.name}-{secrets.token_hex(3)}")
+    os.replace(path, trash)
+    _remove_tree(trash)
+
+
+# ---- writing a run ---------------------------------------------------------------------------------------
+
+def _csv_text(columns: list[str], rows: list[dict], header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+class RunWriter:
+    """Writes one run while it trains. ``log`` buffers metric rows; at most every ``flush_every_s`` seconds
+    and on ``flush``, the new rows are appended to metrics.csv and run.json (small: config, heartbeat) is
+    replaced atomically. A flush costs the new rows, not the whole history. A column first seen after the
+    header was written (rare: evaluation columns are logged from step 0) rewrites metrics.csv once."""
+
+    def __init__(self, directory: Path, record: dict, flush_every_s: float = 2.0) -> None:
+        self.dir, self.record = directory, record
+        self.rows: list[dict] = []           # every row logged; kept for the one rewrite a new column needs
+        self.flush_every_s, self._last_flush = flush_every_s, 0.0
+        self._columns: list[str] = []        # metrics.csv's header as written
+        self._written = 0                    # rows already in metrics.csv
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        if time.time() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def _write_metrics(self) -> None:
+        new = self.rows[self._written:]
+        if not new:
+            return
+        columns = list(self._columns)
+        for row in new:
+            columns += [key for key in row if key not in columns]
+        path = self.dir / METRICS_FILE
+        if columns != self._columns or self._written == 0:
+            atomic_write_text(path, _csv_text(columns, self.rows, header=True))
+        else:
+            append_text(path, _csv_text(columns, new, header=False))
+        self._columns, self._written = columns, len(self.rows)
+
+    def flush(self) -> None:
+        self._write_metrics()
+        self.record["heartbeat"] = time.time()
+        atomic_write_text(self.dir / RUN_FILE, json.dumps(self.record, indent=2, default=_json_default) + "\n")
+        self._last_flush = time.time()
+
+    def update(self, **fields) -> None:
+        self.record.update(fields)
+
+    def save_tensors(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Save ``tensors`` beside the run as float32 safetensors."""
+        atomic_save_tensors(self.dir / filename, tensors, dtype=torch.float32)
+
+    def finish(self, status: str, metrics: dict | None = None, error: str | None = None) -> None:
+        if status not in STATUSES or status == "running":
+            raise ValueError(f"status={status!r}: a run finishes as completed, failed, interrupted or cancelled")
+        self.record.update(status=status, finished=time.time(), error=error)
+        if metrics is not None:
+            self.record["metrics"] = metrics
+        self.flush()
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (torch.Tensor,)):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(4)
+
+
+def create_run(config: dict, runs_dir: str | os.PathLike | None = None, name: str | None = None,
+               sweep_id: str | None = None, task: dict | None = None, device=None) -> RunWriter:
+    """Claim a new run directory (exclusive mkdir: concurrent creators never share one) and write its
+    run.json with status "running" and this process's identity (pid, start time, host)."""
+    root = runs_root(runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        run_id = new_run_id()
+        directory = root / run_id
+        try:
+            directory.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise RuntimeError(f"could not create a unique run directory under {root}")
+    now = time.time()
+    record = {"format_version": FORMAT_VERSION, "id": run_id, "name": name or run_id, "sweep_id": sweep_id,
+              "status": "running", "created": now, "heartbeat": now, "finished": None, **process_identity(),
+              "config": config, "task": task or {}, "environment": environment(device), "metrics": {},
+              "error": None}
+    writer = RunWriter(directory, record)
+    writer.flush()
+    return writer
+
+
+# ---- the hand-off to the analyses ---------------------------------------------------------------------------
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; ``ValueError`` when it is missing or not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def recorded_base(run: Run) -> str | None:
+    """The base model the run names (a hub id or a local model folder), for a caller who wants W0 of a run
+    that did not keep it: ``load_updates(run, base=recorded_base(run))``. None for built-in models."""
+    return run.task.get("base_model_name_or_path") or None
+
+
+def base_revision(run: Run, base: str | os.PathLike) -> str | None:
+    """The revision the run recorded for its base model, when ``base`` names that model (a hub id)."""
+    recorded = {run.task.get("base_model_name_or_path"), run.task.get("model"), run.model} - {None, ""}
+    return run.task.get(BASE_REVISION_KEY) if str(base) in recorded else None
+
+
+def _base_weights(run: Run, shapes: dict[str, tuple[int, int]], base: str | os.PathLike | None,
+                  fan_in_fan_out: bool | None) -> dict[str, torch.Tensor] | None:
+    """W0 (out, in) float32 of the modules in ``shapes``: the run's own copy (a module it lacks is left
+    out, as before), else from ``base``, else None."""
+    stored = run.dir / BASE_WEIGHTS
+    if stored.is_file():
+        w0 = read_tensors(stored)
+    elif base is not None:
+        from .base_weights import load_base_weights
+        w0 = load_base_weights(base, shapes, fan_in_fan_out, revision=base_revision(run, base))
+    else:
+        return None
+    return {n: w0[n].float() for n in shapes if n in w0}
+
+
+def load_updates(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None, *,
+                 base: str | os.PathLike | None = None) -> dict[str, ModuleUpdate]:
+    """What each adapted module learned in a run, as :class:`~lora_analysis.weights.ModuleUpdate`.
+
+    LoRA runs: A (r, in), B (out, r), scaling from ``adapter/``. Full fine-tuning runs: W_ft (out, in).
+    W0 (out, in) float32 comes from the run's base_weights.safetensors; a run that did not keep it (a large
+    model) takes it from ``base`` when given: a ``.safetensors`` file, a local Hugging Face model folder,
+    or a hub id (fetched at the revision the run recorded, when it is the run's base). Nothing is trained
+    or rebuilt. Without either, LoRA updates have ``w0=None`` and a full fine-tuning run raises
+    ``ValueError`` (its update is W_ft - W0).
+    """
+    run = run if isinstance(run, Run) else load_run(run, runs_dir)
+    if run.status != "completed":
+        raise ValueError(f"run {run.id} is {run.status}: only completed runs have updates to analyse")
+    if run.method == "full":
+        w_ft = read_tensors(run.dir / FULL_WEIGHTS)
+        w0 = _base_weights(run, {n: tuple(w.shape) for n, w in w_ft.items()}, base, None)
+        if w0 is None:
+            raise ValueError(f"run {run.id} kept no base weights ({BASE_WEIGHTS}), and a full fine-tuning "
+                             "update is W_ft - W0: pass base= a .safetensors file of W0, the base model's "
+                             f"folder, or its hub id (e.g. base={run.task.get('base_model_name_or_path') or run.model!r})")
+        missing = [n for n in w_ft if n not in w0]
+        if missing:
+            raise ValueError(f"run {run.id}: the base weights have no W0 for module {missing[0]!r}")
+        return {n: ModuleUpdate(name=n, w0=w0[n], w_ft=w.float()) for n, w in w_ft.items()}
+    from ..lora.adapter_io import read_adapter
+
+    adapter = read_adapter(run.dir / ADAPTER_DIR)
+    shapes = {n: m.shape for n, m in adapter.modules.items()}
+    w0 = _base_weights(run, shapes, base, bool(adapter.raw_config.get("fan_in_fan_out", False)))
+    return {n: ModuleUpdate(name=n, w0=None if w0 is None else w0.get(n), lora_A=m.lora_A.float(),
+                            lora_B=m.lora_B.float(), scaling=m.scaling) for n, m in adapter.modules.items()}
