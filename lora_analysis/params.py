@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .lora.config import ALL_LINEAR, Targets
-from .lora.model import apply_lora, lora_layers
+from .lora.config import ALL_LINEAR, LoRAConfig, Targets, effective_rank_alpha
+from .lora.layer import linear_shape
+from .lora.model import apply_lora, find_targets, lora_layers
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
 
@@ -55,6 +56,9 @@ class ParameterCount:
         }
 
 
+COLUMNS = ["name", "out_features", "in_features", "rank", "full_params", "lora_params", "ratio"]
+
+
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable and total parameters of ``model`` and one row per LoRA layer.
 
@@ -68,8 +72,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         lora = layer.rank * (layer.in_features + layer.out_features)
         rows.append({"name": name, "out_features": layer.out_features, "in_features": layer.in_features,
                      "rank": layer.rank, "full_params": full, "lora_params": lora, "ratio": full / lora})
-    columns = ["name", "out_features", "in_features", "rank", "full_params", "lora_params", "ratio"]
-    return ParameterCount(trainable, total, pd.DataFrame(rows, columns=columns))
+    return ParameterCount(trainable, total, pd.DataFrame(rows, columns=COLUMNS))
 
 
 def matrix_savings(out_features: int, in_features: int, rank: int) -> dict:
@@ -80,12 +83,20 @@ def matrix_savings(out_features: int, in_features: int, rank: int) -> dict:
     """
     if out_features < 1 or in_features < 1:
         raise ValueError(f"shape {out_features}x{in_features} is not allowed: both sizes must be >= 1")
-    if not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(f"rank={rank} is not allowed for a {out_features}x{in_features} matrix: "
-                         f"use 1 to {min(out_features, in_features)}")
+    name = f"{out_features}x{in_features}"
+    rank, _ = effective_rank_alpha(LoRAConfig(rank=rank, alpha=1.0), name, out_features, in_features)
     full, lora = out_features * in_features, rank * (out_features + in_features)
     return {"shape": [out_features, in_features], "rank": rank, "full_params": full, "lora_params": lora,
             "ratio": full / lora, "percent_fewer": 100.0 * (1 - lora / full)}
+
+
+def matrix_count(out_features: int, in_features: int, rank: int) -> ParameterCount:
+    """:func:`matrix_savings` as a :class:`ParameterCount` of one bias-free matrix named ``"OUTxIN"`` (total
+    includes the LoRA values, as for a model), so every mode of ``params`` reports the same fields."""
+    m = matrix_savings(out_features, in_features, rank)
+    row = {"name": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
+           "rank": m["rank"], "full_params": m["full_params"], "lora_params": m["lora_params"], "ratio": m["ratio"]}
+    return ParameterCount(m["lora_params"], m["full_params"] + m["lora_params"], pd.DataFrame([row], columns=COLUMNS))
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -237,20 +248,11 @@ def lora_parameter_count(model: nn.Module, targets: Targets = ALL_LINEAR, rank: 
                          alpha: float | None = None, rslora: bool = False,
                          rank_pattern: dict | None = None) -> ParameterCount:
     """Count what LoRA with these settings would train on ``model`` (applied to the model in place;
-    pass a meta-device model to count without allocating). A module smaller than the rank gets rank
-    min(out, in), as the trainer does (a 10-class head trains at most rank 10)."""
-    from .lora.config import LoRAConfig
-    from .lora.layer import linear_shape
-    from .lora.model import find_targets
-
-    pattern = dict(rank_pattern or {})
-    if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
-        modules = dict(model.named_modules())
-        for name in find_targets(model, LoRAConfig(targets=targets, rank=rank, alpha=float(rank))):
-            smallest = min(linear_shape(modules[name]))
-            if rank > smallest and name not in pattern:
-                pattern[name] = smallest
-    apply_lora(model, targets=targets, rank=rank, alpha=alpha, rslora=rslora, rank_pattern=pattern)
+    pass a meta-device model to count without allocating). Ranks follow the trainer's rule,
+    :func:`~lora_analysis.lora.config.effective_rank_alpha` with ``cap_rank=True``: a module smaller than
+    the rank gets rank min(out, in) (a 10-class head trains at most rank 10)."""
+    apply_lora(model, targets=targets, rank=rank, alpha=alpha, rslora=rslora, rank_pattern=rank_pattern,
+               cap_rank=True)
     return count_parameters(model)
 
 
@@ -318,20 +320,20 @@ def adapter_file_size(modules: pd.DataFrame, dtype_bytes: int = 4) -> int:
 def rank_table(model: nn.Module, targets: Targets, ranks: list[int], dtype: str = "bfloat16") -> pd.DataFrame:
     """One row per rank: trainable/total parameters, % of full, adapter file size and training memory.
 
-    ``model`` is adapted once (pass a meta-device preset: free to build); every rank's count follows from
-    the targeted shapes, since LoRA trains r·(in + out) values per module (r capped at min(out, in)).
+    ``model`` is not modified (pass a meta-device preset: free to build); every rank's count follows from
+    the targeted shapes, since LoRA trains r·(in + out) values per module, r from
+    :func:`~lora_analysis.lora.config.effective_rank_alpha` (capped at min(out, in), as the trainer does).
     """
-    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
-    if bad:
-        raise ValueError(f"rank={bad[0]!r} is not allowed: ranks must be integers >= 1")
     base_total = sum(p.numel() for p in model.parameters())
-    modules = lora_parameter_count(model, targets, 1).modules
-    cap = modules[["out_features", "in_features"]].min(axis=1)
+    modules = dict(model.named_modules())
+    shapes = {name: linear_shape(modules[name]) for name in find_targets(model, LoRAConfig(targets=targets))}
     rows = []
     for r in ranks:
-        # a module smaller than r gets rank min(out, in), as the trainer does (a 10-class head: at most 10)
-        rank = cap.clip(upper=r)
-        table = modules.assign(rank=rank, lora_params=rank * (modules.in_features + modules.out_features))
+        rule = LoRAConfig(targets=targets, rank=r, alpha=1.0, cap_rank=True)     # alpha does not change counts
+        table = pd.DataFrame([{"name": name, "out_features": o, "in_features": i,
+                               "rank": effective_rank_alpha(rule, name, o, i)[0], "full_params": o * i}
+                              for name, (o, i) in shapes.items()])
+        table["lora_params"] = table["rank"] * (table["in_features"] + table["out_features"])
         lora = int(table["lora_params"].sum())
         mem = estimate_training_memory(base_total, lora, dtype)
         rows.append({"rank": r, "trainable_params": lora, "total_params": base_total + lora,

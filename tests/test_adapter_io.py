@@ -79,6 +79,7 @@ def test_our_adapter_loads_in_peft_with_same_outputs(case, tmp_path):
         with torch.no_grad():
             ours.head.weight.mul_(-1.5)       # a trained head must travel with the adapter
     ours.eval()
+    assert not torch.allclose(outputs(ours, x), outputs(build(), x), atol=1e-4)   # the adapter does something
     save_adapter(ours, tmp_path / "adapter")
     theirs = PeftModel.from_pretrained(build(), tmp_path / "adapter").eval()
     torch.testing.assert_close(outputs(theirs, x), outputs(ours, x), atol=1e-5, rtol=1e-5)
@@ -264,3 +265,110 @@ def test_saving_a_merged_model_is_refused(tmp_path):
     lora_layers(model)["fc1"].merge()
     with pytest.raises(ValueError, match="unmerge"):
         save_adapter(model, tmp_path)
+
+
+# ---- rank above min(in, out): legal in a saved adapter (defect 1) ------------------------------------
+
+def test_peft_adapter_with_rank_above_the_module_size_loads(tmp_path):
+    # r=16 is above min(in, out) of fc1 (10) and head (3): PEFT creates and loads such adapters
+    torch.manual_seed(5)
+    theirs = get_peft_model(mlp(), LoraConfig(target_modules=["fc1", "fc2", "head"], r=16, lora_alpha=8,
+                                              init_lora_weights=False)).eval()
+    reference = outputs(theirs, FEATURES)
+    theirs.save_pretrained(tmp_path)
+    adapter = read_adapter(tmp_path)
+    assert adapter.modules["head"].rank == 16 and adapter.modules["head"].shape == (3, 24)
+    ours = load_adapter(mlp(), tmp_path).eval()
+    assert lora_layers(ours)["head"].rank == 16
+    torch.testing.assert_close(outputs(ours, FEATURES), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank,cap_rank", [(2, False), (6, True)])
+def test_pissa_round_trip_where_twice_the_rank_exceeds_the_module(tmp_path, rank, cap_rank):
+    # saved as rank 2r: head (3 outputs) gets 4 (r=2) or 6 (r=6 capped at 3); fc1 gets 12 > 10 at r=6
+    base = mlp()
+    model = apply_lora(copy.deepcopy(base), targets=["fc1", "fc2", "head"], rank=rank, alpha=2.0 * rank,
+                       init="pissa", cap_rank=cap_rank)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.mul_(1.3)
+    save_adapter(model, tmp_path)
+    assert read_adapter(tmp_path).modules["head"].rank == 2 * min(rank, 3) > 3
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(outputs(loaded, FEATURES), outputs(model, FEATURES), atol=1e-5, rtol=1e-5)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(outputs(theirs, FEATURES), outputs(model, FEATURES), atol=1e-5, rtol=1e-5)
+
+
+# ---- pattern keys match exactly the module they name (defect 3) --------------------------------------
+
+class Nested(nn.Module):
+    """Two modules that PEFT's suffix rule confuses: ``fc`` and ``sub.fc``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(10, 4)
+        self.sub = nn.Module()
+        self.sub.fc = nn.Linear(10, 12)
+
+    def forward(self, x):
+        return torch.cat([self.fc(x), self.sub.fc(x)], dim=-1)
+
+
+def peft_ranks(model):
+    return {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def test_cap_written_for_fc_does_not_cap_sub_fc_in_peft(tmp_path):
+    model = randomise(apply_lora(Nested(), targets=["fc"], rank=6, alpha=12.0, cap_rank=True)).eval()
+    assert {n: m.rank for n, m in lora_layers(model).items()} == {"fc": 4, "sub.fc": 6}
+    save_adapter(model, tmp_path)
+    theirs = PeftModel.from_pretrained(Nested(), tmp_path).eval()
+    assert peft_ranks(theirs) == {"fc": 4, "sub.fc": 6}
+    torch.testing.assert_close(outputs(theirs, FEATURES), outputs(model, FEATURES), atol=1e-5, rtol=1e-5)
+    adapter = read_adapter(tmp_path)
+    assert {n: m.rank for n, m in adapter.modules.items()} == {"fc": 4, "sub.fc": 6}
+    assert {n: m.scaling for n, m in adapter.modules.items()} == {"fc": 2.0, "sub.fc": 2.0}
+    ours = load_adapter(Nested(), tmp_path).eval()
+    torch.testing.assert_close(outputs(ours, FEATURES), outputs(model, FEATURES), atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_with_plain_name_keys_from_an_older_version_still_loads(tmp_path):
+    model = randomise(apply_lora(Nested(), targets=["fc"], rank=6, alpha=12.0, cap_rank=True)).eval()
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["rank_pattern"], config["alpha_pattern"] = {"fc": 4}, {"fc": 8.0}    # as old reduce_rank wrote
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    adapter = read_adapter(tmp_path)
+    assert {n: (m.rank, m.alpha) for n, m in adapter.modules.items()} == {"fc": (4, 8.0), "sub.fc": (6, 12.0)}
+    ours = load_adapter(Nested(), tmp_path).eval()
+    torch.testing.assert_close(outputs(ours, FEATURES), outputs(model, FEATURES), atol=1e-5, rtol=1e-5)
+
+
+def test_user_suffix_pattern_is_saved_so_peft_builds_the_same_ranks(tmp_path):
+    # {"fc": 3} is a suffix pattern (PEFT's rule): it sets both fc and sub.fc; the file keeps that meaning
+    model = randomise(apply_lora(Nested(), targets=["fc"], rank=2, alpha=4.0, rank_pattern={"fc": 3}))
+    assert {n: m.rank for n, m in lora_layers(model).items()} == {"fc": 3, "sub.fc": 3}
+    save_adapter(model, tmp_path)
+    assert peft_ranks(PeftModel.from_pretrained(Nested(), tmp_path)) == {"fc": 3, "sub.fc": 3}
+
+
+def test_peft_adapter_with_anchored_and_escaped_pattern_keys_loads_with_the_same_outputs(tmp_path):
+    # the key forms PEFT >= 0.15 documents for "this module only": '^' + full name, escaped dots
+    config = LoraConfig(target_modules=["fc"], r=4, lora_alpha=8, rank_pattern={"^fc": 2},
+                        alpha_pattern={r"sub\.fc": 2.0}, init_lora_weights=False)
+    theirs = get_peft_model(Nested(), config).eval()
+    theirs.save_pretrained(tmp_path)
+    adapter = read_adapter(tmp_path)
+    assert {n: (m.rank, m.alpha) for n, m in adapter.modules.items()} == {"fc": (2, 8.0), "sub.fc": (4, 2.0)}
+    ours = load_adapter(Nested(), tmp_path).eval()
+    torch.testing.assert_close(outputs(ours, FEATURES), outputs(theirs, FEATURES), atol=1e-5, rtol=1e-5)
+
+
+def test_all_linear_in_any_case_is_saved_as_the_modules_it_selected(tmp_path):
+    model = apply_lora(mlp(), targets="ALL-Linear", rank=2)
+    save_adapter(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(written) == sorted(lora_layers(model))        # a list PEFT selects exactly, not its own all-linear

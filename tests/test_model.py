@@ -134,10 +134,11 @@ def test_adapted_output_differs_from_base_after_training_step():
     loss = model(X).pow(2).mean()
     loss.backward()
     opt.step()
-    for (name, p0), (_, p1) in zip(base.state_dict().items(),
-                                   {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-                                    if "lora_" not in k}.items()):
-        assert torch.equal(p0, p1), name        # base weights bit-identical
+    before = base.state_dict()
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    for name, p0 in before.items():
+        assert torch.equal(p0, after[name]), name        # base weights bit-identical
     assert not torch.allclose(model(X), base(X))
 
 
@@ -149,7 +150,7 @@ def snapshot(model):
     ({"targets": ["nope"]}, r"matched no Linear/Conv1D module\. Modules that exist: embed, blocks\.0\.attn\.q_proj"),
     ({"targets": ["norm"]}, "'blocks.0.norm' is a LayerNorm, not a Linear"),
     ({"targets": ["q_proj"], "rank": 0}, "rank=0"),
-    ({"targets": ["q_proj"], "rank": 17}, r"rank=17 for module 'blocks.0.attn.q_proj' \(16x16\)"),
+    ({"targets": ["q_proj"], "rank": 17}, r"rank=17 is not allowed for module 'blocks.0.attn.q_proj' \(16x16\)"),
     ({"targets": ["q_proj"], "alpha": float("inf")}, "alpha=inf"),
     ({"targets": ["q_proj"], "dropout": 1.5}, "dropout=1.5"),
     ({"targets": ["q_proj"], "rank_pattern": {"blocks.1.attn.q_proj": 64}}, "rank=64"),
@@ -172,3 +173,24 @@ def test_applying_twice_is_refused():
     model = apply_lora(tiny(), targets=["q_proj"], rank=2)
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, targets=["v_proj"], rank=2)
+
+
+def test_cap_rank_caps_small_modules_and_keeps_their_scaling():
+    model = apply_lora(tiny(), targets=["embed", "head"], rank=12, alpha=24, cap_rank=True)
+    report = lora_report_frame(model).set_index("name")
+    assert report.loc["embed", "rank"] == 8 and report.loc["head", "rank"] == 5     # min(out, in) of 16x8, 5x16
+    assert set(report["scaling"]) == {2.0}                                          # α/r of the uncapped setting
+    assert model.lora_config.cap_rank is True
+
+
+def test_generator_gives_the_same_factors_whatever_the_global_rng():
+    def adapted(global_seed):
+        torch.manual_seed(global_seed)
+        model = apply_lora(tiny(), targets=["q_proj", "v_proj"], rank=4, dropout=0.1,
+                           generator=torch.Generator().manual_seed(7))
+        return {n: m.lora_A.weight.detach().clone() for n, m in lora_layers(model).items()}
+
+    first, second = adapted(0), adapted(1)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert not torch.equal(first["blocks.0.attn.q_proj"], first["blocks.1.attn.q_proj"])   # one stream, drawn in turn

@@ -51,7 +51,7 @@ def test_seed_512x64_is_86_percent_fewer():
 
 
 def test_matrix_errors():
-    with pytest.raises(ValueError, match="rank=6 is not allowed for a 5x5 matrix: use 1 to 5"):
+    with pytest.raises(ValueError, match=r"rank=6 is not allowed for module '5x5' \(5x5\): .* min\(in, out\) = 5"):
         matrix_savings(5, 5, 6)
     with pytest.raises(ValueError, match="shape '5by5'"):
         parse_shape("5by5")
@@ -156,3 +156,46 @@ def test_lora_parameter_count_caps_small_modules_like_the_trainer():
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     count = lora_parameter_count(model, "all-linear", 32)
     assert list(count.modules["rank"]) == [32, 10]
+
+
+def _params_json(capsys, *args):
+    assert main(["params", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_json_has_one_schema_in_every_mode(capsys, tmp_path):
+    config = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    preset = _params_json(capsys, "--preset", "gpt2", "--rank", "4")
+    from_config = _params_json(capsys, "--config", str(tmp_path), "--rank", "4")
+    shape = _params_json(capsys, "--shape", "1000x1000", "--rank", "2")
+    assert preset.keys() == from_config.keys() == shape.keys()
+    assert shape["trainable_params"] == 4000 and shape["total_params"] == 1_000_000 + 4000
+    assert shape["lora_params"] == 4000 and shape["source"] == "1000x1000"
+    assert shape["modules"] == [{"name": "1000x1000", "shape": [1000, 1000], "rank": 2, "full_params": 1_000_000,
+                                 "lora_params": 4000, "ratio": 250.0}]
+    assert preset["modules"][0].keys() == shape["modules"][0].keys()
+    assert shape["memory_bytes"].keys() == preset["memory_bytes"].keys()
+
+
+def test_cli_targets_regex_and_suffixes_mean_the_same_as_the_library(capsys):
+    regex = _params_json(capsys, "--preset", "gpt2", "--rank", "2", "--targets", r"re:.*\.h\.0\.attn\.c_attn")
+    suffix = _params_json(capsys, "--preset", "gpt2", "--rank", "2", "--targets", "c_attn")
+    assert [m["name"] for m in regex["modules"]] == ["transformer.h.0.attn.c_attn"]
+    assert len(suffix["modules"]) == 12
+    assert main(["params", "--preset", "gpt2", "--targets", "re:c_attn["]) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err
+
+
+def test_counts_use_the_trainers_rank_rule_per_module():
+    from lora_analysis.lora.config import LoRAConfig, effective_rank_alpha
+    from lora_analysis.params import rank_table
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    count = lora_parameter_count(model, "all-linear", 32)
+    rule = LoRAConfig(rank=32, alpha=32.0, cap_rank=True)
+    assert list(count.modules["rank"]) == [effective_rank_alpha(rule, "0", 128, 64)[0],
+                                           effective_rank_alpha(rule, "2", 10, 128)[0]]
+    table = rank_table(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), "all-linear", [32])
+    assert int(table.loc[0, "trainable_params"]) == count.lora_params

@@ -41,17 +41,18 @@ def test_peft_config_keeps_ratio_or_alpha():
                           _update("layers.1.v_proj", [1.0, 0.01, 0.01, 0.01], seed=2)])
     ratio = peft_config_from_advice(advice, alpha_mode="ratio", ratio=2.0)
     assert ratio["r"] == 1 and ratio["lora_alpha"] == 2.0
-    assert ratio["rank_pattern"] == {"layers.0.q_proj": 3} and ratio["alpha_pattern"] == {"layers.0.q_proj": 6.0}
+    key = r"^layers\.0\.q_proj"                        # exactly that module in PEFT, not a suffix
+    assert ratio["rank_pattern"] == {key: 3} and ratio["alpha_pattern"] == {key: 6.0}
     assert ratio["target_modules"] == ["q_proj", "v_proj"]
     fixed = peft_config_from_advice(advice, alpha_mode="fixed", alpha=16.0)
     assert fixed["lora_alpha"] == 16.0 and fixed["alpha_pattern"] == {}
     json.dumps(fixed)                                       # JSON-ready
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(**ratio)
-    assert config.r == 1 and config.rank_pattern == {"layers.0.q_proj": 3}
+    assert config.r == 1 and config.rank_pattern == {key: 3}
     namespace = {}
     exec(peft_config_snippet(ratio), namespace)              # the snippet is runnable Python
-    assert namespace["config"].alpha_pattern == {"layers.0.q_proj": 6.0}
+    assert namespace["config"].alpha_pattern == {key: 6.0}
     with pytest.raises(ValueError, match="alpha_mode='double'"):
         peft_config_from_advice(advice, alpha_mode="double")
 
@@ -93,8 +94,8 @@ def test_reduced_adapter_loads_in_ours_and_peft_with_matching_outputs(trained, t
     assert reduced.report["new_rank"].tolist() == [2, 3]
     out = save_reduced_adapter(reduced, tmp_path / "small")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 3 and config["rank_pattern"] == {"0": 2}
-    assert config["lora_alpha"] == pytest.approx(6.0) and config["alpha_pattern"] == {"0": pytest.approx(4.0)}
+    assert config["r"] == 3 and config["rank_pattern"] == {"^0": 2}
+    assert config["lora_alpha"] == pytest.approx(6.0) and config["alpha_pattern"] == {"^0": pytest.approx(4.0)}
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors["base_model.model.0.lora_A.weight"].shape == (2, 12)
     assert tensors["base_model.model.2.lora_B.weight"].shape == (10, 3)
@@ -135,3 +136,59 @@ def test_rank_above_the_adapter_rank_keeps_it(trained):
     _, src = trained
     reduced = reduce_rank(read_adapter(src), 50)
     assert reduced.report["new_rank"].tolist() == [6, 6] and reduced.config["r"] == 6
+
+
+class _Nested(nn.Module):
+    """``fc`` and ``sub.fc``: PEFT's suffix rule lets a key for ``fc`` also match ``sub.fc``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 20)
+        self.sub = nn.Module()
+        self.sub.fc = nn.Linear(20, 16)
+
+    def forward(self, x):
+        return self.sub.fc(torch.relu(self.fc(x)))
+
+
+def _peft_ranks(model, peft):
+    return {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def test_advice_keys_name_exactly_one_module_in_peft():
+    peft = pytest.importorskip("peft")
+    advice = rank_advice([_update("fc", [1.0, 0.01, 0.01, 0.01]),                       # advised 1
+                          _update("sub.fc", [3.0, 1.0, 1.0, 0.5], 16, 20, seed=1),         # advised 3
+                          ], energy=0.9)
+    assert advice["advised_rank"].tolist() == [1, 3]      # r = 3, so the pattern names fc
+    config = peft_config_from_advice(advice, alpha_mode="ratio", ratio=2.0)
+    model = peft.get_peft_model(_Nested(), peft.LoraConfig(**config))
+    assert _peft_ranks(model, peft) == {"fc": 1, "sub.fc": 3}
+    alphas = {n.removeprefix("base_model.model."): m.lora_alpha["default"] for n, m in model.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert alphas == {"fc": 2.0, "sub.fc": 6.0}
+
+
+def test_reduced_adapter_keys_name_exactly_one_module(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = apply_lora(_Nested(), ["fc"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in (model.fc, model.sub.fc):
+            layer.lora_B.weight.normal_()
+    save_adapter(model, tmp_path / "src")
+    reduced = reduce_rank(read_adapter(tmp_path / "src"), {"fc": 2, "sub.fc": 3})
+    out = save_reduced_adapter(reduced, tmp_path / "small")
+    theirs = peft.PeftModel.from_pretrained(_Nested(), str(out))
+    assert _peft_ranks(theirs, peft) == {"fc": 2, "sub.fc": 3}
+    ours = load_adapter(_Nested(), out)
+    assert (ours.fc.rank, ours.sub.fc.rank) == (2, 3)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_advice_never_exceeds_the_module_size():
+    advice = rank_advice([_update("m", [1.0] * 4, out_f=4, in_f=16)], energy=1.0, min_rank=8)
+    assert advice["advised_rank"].tolist() == [4]

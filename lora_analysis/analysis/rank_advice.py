@@ -25,10 +25,11 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
-from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, atomic_write
+from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter
+from ..lora.config import LoRAConfig, effective_rank_alpha, exact_patterns
 from ..lora.layer import compute_scaling
+from ..store.files import atomic_save_tensors, atomic_write_text
 from ..weights import ModuleUpdate, as_update_list
 from .spectra import cumulative_energy, energy_rank, factored_svd, update_spectrum
 
@@ -79,7 +80,7 @@ def rank_advice(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], en
         s = update_spectrum(u).S
         k = max(energy_rank(s, energy), min_rank)
         k = min(k, max_rank) if max_rank is not None else k
-        k = min(k, min(u.shape))
+        k, _ = effective_rank_alpha(LoRAConfig(rank=int(k), alpha=1.0, cap_rank=True), u.name, *u.shape)
         rows.append({"name": u.name, "out_features": u.shape[0], "in_features": u.shape[1], "kind": u.kind,
                      "rank": u.rank, "advised_rank": int(k), "retained_energy": _retained(s, k),
                      "fro_norm": float(torch.linalg.vector_norm(s))})
@@ -92,8 +93,9 @@ def peft_config_from_advice(advice: pd.DataFrame, alpha_mode: str = "ratio", rat
                             dropout: float = 0.0, use_rslora: bool = False) -> dict:
     """PEFT ``LoraConfig`` keyword arguments for the ranks in ``advice`` (from :func:`rank_advice`).
 
-    ``r`` is the most common advised rank; modules that differ go in ``rank_pattern`` (full module names,
-    which PEFT matches as name suffixes). ``alpha_mode="ratio"``: α = ratio·r for every module (same α/r
+    ``r`` is the most common advised rank; modules that differ go in ``rank_pattern`` under keys that match
+    exactly that module in PEFT (``^`` + the escaped full name: a bare name would also match longer names
+    ending with it). ``alpha_mode="ratio"``: α = ratio·r for every module (same α/r
     scaling everywhere; differing α in ``alpha_pattern``); ``"fixed"``: one α for all (``alpha``, default
     ratio·r), no ``alpha_pattern``. ``target_modules`` defaults to the modules' last name parts
     (``["q_proj", "v_proj"]``); pass the source adapter's list to select exactly the same modules.
@@ -103,10 +105,10 @@ def peft_config_from_advice(advice: pd.DataFrame, alpha_mode: str = "ratio", rat
         raise ValueError("rank advice is empty: no module to configure")
     ranks = {str(n): int(k) for n, k in zip(advice["name"], advice["advised_rank"])}
     r = int(_mode(ranks.values()))
-    rank_pattern = {n: k for n, k in ranks.items() if k != r}
+    rank_pattern = exact_patterns(ranks, r)
     if alpha_mode == "ratio":
         lora_alpha = float(ratio * r)
-        alpha_pattern = {n: float(ratio * k) for n, k in rank_pattern.items()}
+        alpha_pattern = exact_patterns({n: float(ratio * k) for n, k in ranks.items()}, lora_alpha)
     else:
         lora_alpha = float(ratio * r if alpha is None else alpha)
         alpha_pattern = {}
@@ -171,7 +173,8 @@ def reduce_rank(adapter: Adapter, rank: int | Mapping[str, int], alpha_mode: str
     rslora = adapter.config.rslora
     factors, scalings, rows = {}, {}, []
     for name, m in adapter.modules.items():
-        k = min(rank[name] if isinstance(rank, Mapping) else rank, m.rank, *m.shape)
+        k = min(rank[name] if isinstance(rank, Mapping) else rank, m.rank)        # never above the source
+        k, _ = effective_rank_alpha(LoRAConfig(rank=k, alpha=1.0, cap_rank=True), name, *m.shape)
         spec = factored_svd(m.lora_A, m.lora_B, m.scaling).top(k)
         new_alpha = m.alpha * k / m.rank if alpha_mode == "ratio" else m.alpha
         new_scaling = compute_scaling(k, new_alpha, rslora)
@@ -194,8 +197,8 @@ def reduce_rank(adapter: Adapter, rank: int | Mapping[str, int], alpha_mode: str
     lora_alpha = float(_mode(a for n, a in new_alphas.items() if new_ranks[n] == r))
     config = dict(adapter.raw_config)
     config.update({"r": r, "lora_alpha": lora_alpha,
-                   "rank_pattern": {n: int(k) for n, k in new_ranks.items() if k != r},
-                   "alpha_pattern": {n: a for n, a in new_alphas.items() if a != lora_alpha}})
+                   "rank_pattern": exact_patterns({n: int(k) for n, k in new_ranks.items()}, r),
+                   "alpha_pattern": exact_patterns(new_alphas, lora_alpha)})
     return ReducedAdapter(config, factors, scalings, dict(adapter.extra), report)
 
 
@@ -210,7 +213,6 @@ def save_reduced_adapter(reduced: ReducedAdapter, directory: str | os.PathLike) 
         state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
     for key, value in reduced.extra.items():
         state[f"{PREFIX}{key}"] = value.contiguous()
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    text = json.dumps(reduced.config, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_save_tensors(directory / WEIGHTS_NAME, state)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(reduced.config, indent=2, sort_keys=True) + "\n")
     return directory

@@ -7,8 +7,9 @@ import json
 
 import pandas as pd
 
+from ..lora.config import ALL_LINEAR, format_targets, parse_targets
 from ..params import (DEFAULT_TARGETS, PRESETS, adapter_file_size, build_from_config, build_preset,
-                      estimate_training_memory, lora_parameter_count, matrix_savings, parse_shape)
+                      estimate_training_memory, lora_parameter_count, matrix_count, parse_shape)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--targets", default=None,
-                   help="comma-separated module-name suffixes, or all-linear (default: the preset's "
-                        "attention query/value modules; all-linear for --config)")
+                   help="comma-separated module-name suffixes, re:REGEX (matched against the whole module "
+                        "name), or all-linear (default: the preset's attention query/value modules; "
+                        "all-linear for --config)")
     p.add_argument("--dtype", default="bfloat16", help="training dtype for the memory estimate (default bfloat16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
@@ -32,37 +34,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.shape:
-        result = matrix_savings(*parse_shape(args.shape), args.rank)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            out_f, in_f = result["shape"]
-            print(f"{out_f}x{in_f} matrix: full fine-tuning trains {result['full_params']:,} values; LoRA at "
-                  f"r={args.rank} trains r*(d+k) = {result['lora_params']:,} ({result['ratio']:.4g}x fewer, "
-                  f"{result['percent_fewer']:.1f}% fewer)")
-        return 0
-    if args.preset:
-        model, source = build_preset(args.preset), args.preset
-        default_targets = DEFAULT_TARGETS[args.preset]
+        count, source, targets = matrix_count(*parse_shape(args.shape), args.rank), args.shape, None
     else:
-        model, source = build_from_config(args.config), args.config
-        default_targets = "all-linear"
-    targets = default_targets if args.targets is None else (
-        "all-linear" if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()])
-    count = lora_parameter_count(model, targets, args.rank, args.alpha, args.rslora)
+        if args.preset:
+            model, source, default_targets = build_preset(args.preset), args.preset, DEFAULT_TARGETS[args.preset]
+        else:
+            model, source, default_targets = build_from_config(args.config), args.config, ALL_LINEAR
+        targets = parse_targets(args.targets) or default_targets
+        count = lora_parameter_count(model, targets, args.rank, args.alpha, args.rslora)
     memory = estimate_training_memory(count.total - count.lora_params, count.lora_params, args.dtype)
     file_size = adapter_file_size(count.modules)
     if args.json:
-        out = {"source": source, "rank": args.rank, "alpha": args.alpha if args.alpha is not None else args.rank,
+        # one schema in every mode: a single matrix is reported as a model with one bias-free module
+        full = count.full_params_of_targets
+        out = {"source": source, "shape": count.to_dict()["modules"][0]["shape"] if args.shape else None,
+               "rank": args.rank, "alpha": args.alpha if args.alpha is not None else args.rank,
                "rslora": args.rslora, "targets": targets, **count.to_dict(),
+               "full_params": full, "ratio": full / count.lora_params,
+               "percent_fewer": 100.0 * (1 - count.lora_params / full),
                "adapter_file_bytes": file_size,
                "memory_bytes": {"dtype": args.dtype, "full": memory.full_total, "lora": memory.lora_total,
                                 "by_part": memory.table.to_dict(orient="index")}}
         print(json.dumps(out, indent=2))
         return 0
+    if args.shape:
+        row = count.modules.iloc[0]
+        print(f"{row['out_features']}x{row['in_features']} matrix: full fine-tuning trains {row['full_params']:,} "
+              f"values; LoRA at r={row['rank']} trains r*(d+k) = {row['lora_params']:,} ({row['ratio']:.4g}x "
+              f"fewer, {100.0 * (1 - row['lora_params'] / row['full_params']):.1f}% fewer)")
+        return 0
     table = count.modules.copy()
     shown = table if len(table) <= 12 else pd.concat([table.head(6), table.tail(6)])
-    print(f"{source}: LoRA r={args.rank} on {targets}")
+    print(f"{source}: LoRA r={args.rank} on {format_targets(targets)}")
     print(shown.to_string(index=False, formatters={"ratio": "{:.1f}x".format, "full_params": "{:,}".format,
                                                    "lora_params": "{:,}".format}))
     if len(table) > 12:

@@ -5,44 +5,36 @@ with keys ``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lo
 plus ``base_model.model.<path>.<param>`` for ``modules_to_save``. That is exactly what PEFT's
 ``save_pretrained`` writes, so ``PeftModel.from_pretrained`` loads our adapters and we load PEFT's.
 Pickled ``.bin`` adapters are refused: we never unpickle files users give us.
+
+Loading takes each module's rank from its tensors: any r >= 1 is legal (PEFT adapters with r > min(in, out),
+our PiSSA adapters saved at rank 2r); the cap at min(in, out) is a creation-time policy. Saving writes each
+module whose rank or alpha differs from ``r``/``lora_alpha`` under a key matching exactly that module in PEFT
+(``^`` + the escaped name). PEFT >= 0.15 reads such keys; 0.14 and older ignore them: a rank key then fails
+to load there and an alpha key is silently dropped (other outputs), so these files need PEFT >= 0.15.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .config import LoRAConfig, matches_module_to_save
+from ..store.files import atomic_save_tensors, atomic_write_text
+from .config import ALL_LINEAR, LoRAConfig, alpha_for_scaling, exact_patterns, matches_module_to_save
 from .layer import compute_scaling, linear_shape
-from .model import apply_lora, find_targets, lora_layers
+from .model import find_targets, install_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; adapters are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _compact_targets(model: nn.Module, chosen: list[str]) -> list[str]:
@@ -59,17 +51,22 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
     layers = lora_layers(model)
     if config is None or not layers:
         raise ValueError("model has no LoRA adapter to save: call apply_lora() first")
-    targets = config.targets if isinstance(config.targets, str) and config.targets != "all-linear" \
+    # "all-linear" is written as the modules it selected: PEFT's own expansion differs (it keeps MHA's out_proj)
+    targets = config.targets if isinstance(config.targets, str) and config.targets.lower() != ALL_LINEAR \
         else _compact_targets(model, list(layers))
+    # Each layer's actual (rank, alpha) is written, so caps and patterns become explicit per-module entries
+    # whose keys match exactly one module in PEFT (never a longer name ending the same way).
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    alphas = {name: layer.alpha for name, layer in layers.items()}
     rank, alpha = config.rank, config.alpha
-    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
     if config.init == "pissa":
         # A PiSSA adapter is saved as the equivalent plain LoRA adapter of rank 2r against the original
         # weights (PEFT's conversion): ΔW = s·(B·A − B0·A0) = s'·[B, −B0]·[A; A0], alpha chosen so s' = s.
-        rank, rank_pattern = 2 * rank, {k: 2 * v for k, v in rank_pattern.items()}
-        alpha = _alpha_for_scaling(compute_scaling(config.rank, config.alpha, config.rslora), rank, config.rslora)
-        alpha_pattern = {name: _alpha_for_scaling(layer.scaling, 2 * layer.rank, config.rslora)
-                         for name, layer in layers.items()}
+        rank, alpha = 2 * rank, alpha_for_scaling(compute_scaling(rank, alpha, config.rslora), 2 * rank, config.rslora)
+        ranks = {name: 2 * layer.rank for name, layer in layers.items()}
+        alphas = {name: alpha_for_scaling(layer.scaling, 2 * layer.rank, config.rslora)
+                  for name, layer in layers.items()}
+    rank_pattern, alpha_pattern = exact_patterns(ranks, rank), exact_patterns(alphas, alpha)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -91,10 +88,6 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
         "layers_pattern": None,
         "revision": None,
     }
-
-
-def _alpha_for_scaling(scaling: float, rank: int, rslora: bool) -> float:
-    return scaling * (math.sqrt(rank) if rslora else rank)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -119,7 +112,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
                  task_type: str | None = None) -> Path:
     """Write ``model``'s adapter as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-    Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    Each file is written atomically (:mod:`lora_analysis.store.files`): a crash never leaves half a file.
     """
     if any(layer.merged for layer in lora_layers(model).values()):
         raise ValueError("model is merged: unmerge() it before saving the adapter")
@@ -127,9 +120,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     state = adapter_state_dict(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME,
-                        lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_save_tensors(directory / WEIGHTS_NAME, state)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -244,12 +236,24 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
             raise ValueError(f"module '{name}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
                              "form B·A (need A (r, in) and B (out, r))")
         r = int(a.shape[0])
-        alpha = float(config.alpha_for(name))
-        if config.rank_for(name) != r:
-            raise ValueError(f"module '{name}': the weights have rank {r} but the config says "
-                             f"r={config.rank_for(name)}")
+        alpha = _saved_alpha(config, name, r)
         modules[name] = AdapterModule(name, a, b, alpha, compute_scaling(r, alpha, config.rslora))
     return Adapter(Path(directory), config, raw, modules, extra)
+
+
+def _saved_alpha(config: LoRAConfig, name: str, rank: int) -> float:
+    """The alpha of saved module ``name`` whose tensors have rank ``rank`` (any rank >= 1 is legal).
+
+    The patterns are read as PEFT reads them. Older versions of this library wrote plain full module names
+    as keys, which PEFT's suffix rule also applies to a longer name ending the same way (a key ``fc`` also
+    matches ``sub.fc``); when PEFT's reading contradicts the tensors' rank, the reading with each key naming
+    exactly its module is used if it agrees with them.
+    """
+    if config.rank_for(name) == rank:
+        return float(config.alpha_for(name))
+    if config.rank_pattern.get(name, config.rank) == rank:
+        return float(config.alpha_pattern.get(name, config.alpha))
+    raise ValueError(f"module '{name}': the weights have rank {rank} but the config says r={config.rank_for(name)}")
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -285,7 +289,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if params[key].shape != value.shape:
             raise ValueError(f"adapter tensor '{key}' has shape {tuple(value.shape)}, the model's parameter "
                              f"has {tuple(params[key].shape)}")
-    apply_lora(model, config=config)
+    # the saved tensors fix each module's rank: the creation-time cap at min(in, out) does not apply
+    install_lora(model, config, {n: (adapter.modules[n].rank, adapter.modules[n].alpha) for n in targets})
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(adapter.modules[name].lora_A)

@@ -1,55 +1,64 @@
-"""What a LoRA adapter is: the settings PEFT's ``LoraConfig`` holds, as a plain dataclass.
+"""What a LoRA adapter is: the settings PEFT's ``LoraConfig`` holds, as a plain dataclass, plus the two rules
+every part of the library shares: which rank and alpha a module gets (:func:`effective_rank_alpha`) and what a
+``targets`` text means (:func:`parse_targets`).
 
 Every field matches the key of the same meaning in PEFT's ``adapter_config.json`` so that adapters move
-both ways (see :mod:`lora_analysis.lora.adapter_io`).
+both ways (see :mod:`lora_analysis.lora.adapter_io`). Each field carries its help text in
+``field(metadata={"help": ...})``, as PEFT's ``LoraConfig`` does, so a CLI or a page can show it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Sequence, Union
 
+from .layer import compute_scaling, validate_hyperparameters
+
 Targets = Union[str, Sequence[str]]
 
 ALL_LINEAR = "all-linear"
+REGEX_PREFIX = "re:"
 
 
 @dataclass
 class LoRAConfig:
-    """Settings of one LoRA adapter.
+    """Settings of one LoRA adapter (see each field's ``metadata["help"]``)."""
 
-    Args:
-        targets: module-name suffixes (``["q_proj", "v_proj"]`` matches ``...attn.q_proj``), a regular
-            expression matched against the whole module name (a ``str``), or ``"all-linear"`` (every
-            Linear/Conv1D except the output head and ``modules_to_save``).
-        rank: r, the inner dimension of B·A; default for modules not in ``rank_pattern``.
-        alpha: the numerator of the scaling α/r (or α/√r with ``rslora``).
-        dropout: dropout probability on the LoRA path's input, in [0, 1).
-        rslora: rank-stabilised scaling α/√r (Kalajdzievski 2023) instead of α/r.
-        init: "kaiming" (A Kaiming-uniform, B zeros; PEFT's default), "gaussian" or "pissa".
-        rank_pattern / alpha_pattern: ``{pattern: value}`` overrides; a pattern matches a module whose
-            name ends with it (after a dot), as in PEFT.
-        modules_to_save: modules (name suffixes) kept fully trainable and saved with the adapter,
-            e.g. a new classifier head.
-        bias: "none" only (LoRA bias training is not supported).
-    """
-
-    targets: Targets = ALL_LINEAR
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rslora: bool = False
-    init: str = "kaiming"
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
-    bias: str = "none"
+    targets: Targets = field(default=ALL_LINEAR, metadata={"help": (
+        "modules to adapt: a list of module-name suffixes (['q_proj', 'v_proj'] matches '...attn.q_proj'), a "
+        "str regular expression matched against the whole module name, or 'all-linear' (every Linear/Conv1D "
+        "except the output head, MultiheadAttention's out_proj and modules_to_save)")})
+    rank: int = field(default=8, metadata={"help": "r, the inner dimension of B·A; the default for modules not "
+                                                    "in rank_pattern"})
+    alpha: float = field(default=8.0, metadata={"help": "the numerator of the scaling alpha/r (alpha/sqrt(r) "
+                                                         "with rslora)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability on the LoRA path's input, in [0, 1)"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski "
+                                                           "2023) instead of alpha/r"})
+    init: str = field(default="kaiming", metadata={"help": (
+        "'kaiming' (A Kaiming-uniform, B zeros; PEFT's default), 'gaussian' (A ~ N(0, 1/r), B zeros) or "
+        "'pissa' (A, B from the top-r SVD of W; W keeps the residual)")})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
+        "{pattern: rank} overrides; a pattern matches a module as PEFT matches it: the regex "
+        "'(.*\\.)?PATTERN$' against the full name, so 'fc' also matches 'sub.fc' ('^' + re.escape(name) "
+        "matches one module only)")})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": (
+        "{pattern: alpha} overrides, matched as rank_pattern")})
+    modules_to_save: list[str] = field(default_factory=list, metadata={"help": (
+        "modules (name suffixes) kept fully trainable and saved with the adapter, e.g. a new classifier head")})
+    bias: str = field(default="none", metadata={"help": "'none' only (LoRA bias training is not supported)"})
+    cap_rank: bool = field(default=False, metadata={"help": (
+        "cap a module's rank at min(out, in) and keep the scaling alpha/r (alpha/sqrt(r)) of the uncapped "
+        "setting; a creation-time policy (a saved adapter records each module's actual rank)")})
 
     def rank_for(self, module_name: str) -> int:
+        """The rank ``rank_pattern`` gives ``module_name`` (PEFT's rule), before any cap."""
         return self.rank_pattern[key] if (key := pattern_key(self.rank_pattern, module_name)) else self.rank
 
     def alpha_for(self, module_name: str) -> float:
+        """The alpha ``alpha_pattern`` gives ``module_name`` (PEFT's rule), before any cap."""
         return self.alpha_pattern[key] if (key := pattern_key(self.alpha_pattern, module_name)) else self.alpha
 
     def to_dict(self) -> dict:
@@ -58,12 +67,114 @@ class LoRAConfig:
         return d
 
 
+def alpha_for_scaling(scaling: float, rank: int, rslora: bool = False) -> float:
+    """The alpha that gives ``scaling`` at ``rank``: the inverse of :func:`~.layer.compute_scaling`."""
+    return scaling * (math.sqrt(rank) if rslora else rank)
+
+
+def effective_rank_alpha(config: LoRAConfig, name: str, out_features: int, in_features: int) -> tuple[int, float]:
+    """THE rank and alpha module ``name`` (an (out, in) weight) gets when an adapter is created.
+
+    First the patterns (PEFT's rule), then the cap: with ``config.cap_rank`` a rank above min(out, in) becomes
+    min(out, in) and alpha is rescaled so the scaling stays the uncapped α/r (α/√r); without it, such a rank
+    raises ``ValueError``, as does any bad setting (:func:`~.layer.validate_hyperparameters`). Loading a saved
+    adapter does not call this: its tensors say each module's rank, and any rank >= 1 is legal there.
+    """
+    rank, alpha = config.rank_for(name), config.alpha_for(name)
+    smallest = min(out_features, in_features)
+    too_big = isinstance(rank, int) and not isinstance(rank, bool) and rank > smallest
+    validate_hyperparameters(name, smallest if too_big else rank, alpha, config.dropout, out_features,
+                             in_features, config.init)
+    if not too_big:
+        return rank, alpha
+    if not config.cap_rank:
+        raise ValueError(f"rank={rank!r} is not allowed for module '{name}' ({out_features}x{in_features}): "
+                         f"rank must be an integer from 1 to min(in, out) = {smallest} (or set cap_rank=True "
+                         "to cap it there)")
+    return smallest, alpha_for_scaling(compute_scaling(rank, alpha, config.rslora), smallest, config.rslora)
+
+
+# ---- pattern keys (PEFT's rank_pattern / alpha_pattern) ------------------------------------------------
+
 def pattern_key(patterns: dict, module_name: str) -> str | None:
-    """The first pattern of ``patterns`` that matches ``module_name`` as PEFT matches it, else None."""
+    """The first key of ``patterns`` that matches ``module_name`` as PEFT's ``get_pattern_key`` matches it
+    (``re.match(rf"(.*\\.)?({key})$", name)``), else None."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module_name):
+                return key
+        except re.error as exc:
+            raise ValueError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regular expression ({exc})") \
+                from None
     return None
+
+
+def exact_pattern_key(module_name: str) -> str:
+    """A pattern key that matches ``module_name`` and no other name under PEFT's rule: anchored (``^`` only
+    matches at the start, so the optional ``(.*\\.)?`` prefix must be empty) and escaped (a dot is a dot)."""
+    return "^" + re.escape(module_name)
+
+
+def exact_patterns(values: dict[str, float], default: float) -> dict[str, float]:
+    """``{exact_pattern_key(name): value}`` for every module whose value differs from ``default``."""
+    return {exact_pattern_key(name): value for name, value in values.items() if value != default}
+
+
+# ---- targets -------------------------------------------------------------------------------------------
+
+def parse_targets(value) -> str | list[str] | None:
+    """The one parser of the text form of ``targets`` (training config, sweeps, CLI, dashboard).
+
+    - ``None`` or ``""`` → ``None`` (the model's default targets);
+    - ``"all-linear"`` (any case) → ``"all-linear"``;
+    - ``"re:PATTERN"`` → ``"PATTERN"``, a regex matched against the whole module name (a ``str``, as in
+      PEFT's ``target_modules``);
+    - ``"a,b"`` → ``["a", "b"]``: module-name suffixes (``"fc[12]"`` is the suffix ``fc[12]``, not a regex);
+    - a list or tuple of names → a list of suffixes.
+
+    Parse text once: the regex comes back without its ``re:`` marker (:func:`format_targets` puts it back).
+    Raises ``ValueError`` for an invalid regex or a non-text name.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        if text.startswith(REGEX_PREFIX):
+            pattern = text[len(REGEX_PREFIX):]
+            if not pattern:
+                raise ValueError(f"targets={value!r} is not allowed: the regular expression after 're:' is empty")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"targets={value!r} is not a valid regular expression ({exc})") from None
+            return pattern
+        value = text.split(",")
+    if isinstance(value, (list, tuple)):
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"targets entry {bad[0]!r} is not allowed: module names must be text")
+        if any(v.strip().startswith(REGEX_PREFIX) for v in value):
+            raise ValueError(f"targets={list(value)!r} is not allowed: give a regex as one 're:PATTERN' string, "
+                             "not inside a list of names")
+        names = [v.strip() for v in value if v.strip()]
+        if not names:
+            raise ValueError(f"targets={value!r} is not allowed: it holds no module names")
+        return names
+    raise ValueError(f"targets={value!r} is not allowed: give 'all-linear', 're:PATTERN', or comma-separated "
+                     "module-name suffixes")
+
+
+def format_targets(targets: Targets | None) -> str:
+    """The text form :func:`parse_targets` reads back: ``""``, ``"all-linear"``, ``"re:PATTERN"`` or ``"a,b"``."""
+    if targets is None:
+        return ""
+    if isinstance(targets, str):
+        return ALL_LINEAR if targets.lower() == ALL_LINEAR else REGEX_PREFIX + targets
+    return ",".join(targets)
 
 
 def matches_target(targets: Targets, module_name: str) -> bool:

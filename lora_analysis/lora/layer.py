@@ -52,28 +52,53 @@ def compute_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
 
 def validate_hyperparameters(name: str, rank: int, alpha: float, dropout: float, out_features: int,
                              in_features: int, init: str = "kaiming") -> None:
-    """Raise ``ValueError`` naming the module and the allowed range for any bad LoRA setting."""
-    max_rank = min(out_features, in_features)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(f"rank={rank!r} for module '{name}' ({out_features}x{in_features}) is not allowed: "
-                         f"rank must be an integer from 1 to min(in, out) = {max_rank}")
+    """Raise ``ValueError`` naming the module and the allowed range for any bad LoRA setting.
+
+    Any rank >= 1 is a valid layer (PEFT loads adapters with r > min(in, out)); capping a new adapter's rank
+    at min(in, out) is a creation-time policy, :func:`~.config.effective_rank_alpha`. PiSSA needs r
+    singular directions, so it alone requires r <= min(in, out).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} is not allowed for module '{name}': rank must be an integer >= 1")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r} for module '{name}' is not allowed: alpha must be a finite number > 0")
+        raise ValueError(f"alpha={alpha!r} is not allowed for module '{name}': alpha must be a finite number > 0")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout!r} is not allowed: dropout must be in [0, 1)")
     if init not in INIT_METHODS:
         raise ValueError(f"init={init!r} is not allowed: choose one of {', '.join(INIT_METHODS)}")
+    if init == "pissa" and rank > min(out_features, in_features):
+        raise ValueError(f"rank={rank} is not allowed for module '{name}' ({out_features}x{in_features}) with "
+                         f"init='pissa': PiSSA takes r singular directions, at most min(in, out) = "
+                         f"{min(out_features, in_features)}")
+
+
+class LoRADropout(nn.Dropout):
+    """``nn.Dropout`` whose masks come from ``generator`` when one is given (a run's own random numbers,
+    not the process-wide RNG). The mask is drawn on the generator's device and moved to the input's."""
+
+    def __init__(self, p: float, generator: torch.Generator | None = None) -> None:
+        super().__init__(p)
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or not self.training:
+            return super().forward(x)
+        keep = torch.empty(x.shape, device=self.generator.device).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1 - self.p)
 
 
 class LoRALinear(nn.Module):
     """A frozen ``base_layer`` (Linear or Conv1D) with a low-rank update ``scaling * lora_B @ lora_A``.
 
     Attributes follow the paper and PEFT: ``rank`` (r), ``alpha``, ``scaling``, ``lora_A`` (Linear in→r,
-    weight (r, in)), ``lora_B`` (Linear r→out, weight (out, r)), ``lora_dropout``, ``merged``.
+    weight (r, in)), ``lora_B`` (Linear r→out, weight (out, r)), ``lora_dropout``, ``merged``. ``weight`` and
+    ``bias`` are the base layer's (host models read them, e.g. T5 and ``nn.MultiheadAttention``).
+    ``generator``, when given, supplies A's random init and the dropout masks instead of the global RNG.
     """
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, init: str = "kaiming", name: str = "") -> None:
+                 rslora: bool = False, init: str = "kaiming", name: str = "",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not is_adaptable(base_layer):
             raise ValueError(f"module '{name}' is a {type(base_layer).__name__}: LoRA wraps only nn.Linear "
@@ -86,10 +111,14 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), bool(rslora), init
         self.scaling = compute_scaling(rank, float(alpha), rslora)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.generator = generator
+        self.lora_dropout = LoRADropout(dropout, generator) if dropout > 0 else nn.Identity()
         weight = base_layer.weight
-        self.lora_A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=torch.float32)
+        # skip_init: no draw from the global RNG here; reset_lora_parameters fills both factors
+        self.lora_A = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, device=weight.device,
+                                         dtype=torch.float32)
+        self.lora_B = nn.utils.skip_init(nn.Linear, rank, out_features, bias=False, device=weight.device,
+                                         dtype=torch.float32)
         self.merged = False
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -105,34 +134,46 @@ class LoRALinear(nn.Module):
         layer's output is still unchanged at step 0.
         """
         if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            self._draw_a(lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g))
             nn.init.zeros_(self.lora_B.weight)
         elif init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
+            self._draw_a(lambda t, g: nn.init.normal_(t, std=1.0 / self.rank, generator=g))
             nn.init.zeros_(self.lora_B.weight)
         elif init == "pissa":
-            weight = self._weight_out_in().to(torch.float32)
+            weight = weight_out_in(self.base_layer).to(torch.float32)
             u, s, vh = torch.linalg.svd(weight, full_matrices=False)
             r = self.rank
             sqrt_s = (s[:r] / self.scaling).sqrt()
             self.lora_B.weight.copy_(u[:, :r] * sqrt_s)          # (out, r)
             self.lora_A.weight.copy_(sqrt_s[:, None] * vh[:r])    # (r, in)
             residual = weight - self.scaling * self.lora_B.weight @ self.lora_A.weight
-            self._set_weight_out_in(residual)
+            weight_out_in(self.base_layer).copy_(residual)     # a view: W keeps its orientation and dtype
             # kept to save the adapter as plain LoRA against the original W (see adapter_io)
             self.pissa_init = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
         else:
             raise ValueError(f"init={init!r} is not allowed: choose one of {', '.join(INIT_METHODS)}")
 
+    def _draw_a(self, init_) -> None:
+        """Fill A with ``init_(tensor, generator)``, drawn on the generator's device when there is one."""
+        a, g = self.lora_A.weight, self.generator
+        draw = torch.empty(a.shape, dtype=a.dtype, device=g.device if g is not None else a.device)
+        init_(draw, g)
+        a.copy_(draw)
+
+    # ---- the wrapped layer, as host code sees it ------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (unchanged by LoRA unless merged), as PEFT's wrapper exposes it."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
     # ---- the update ---------------------------------------------------------------------------
-    def _weight_out_in(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def _set_weight_out_in(self, w_out_in: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        w.data.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
-
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling·B·A in float32, in the base weight's orientation ((out, in); (in, out) for Conv1D)."""
         delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
@@ -168,7 +209,8 @@ class LoRALinear(nn.Module):
             return result
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return result + (self.scaling * update).to(result.dtype)
+        # add in float32 and round once, as PEFT does (rounding the update first would round twice)
+        return (result + update * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
