@@ -59,6 +59,8 @@ def test_sweep_counts_are_monotone_in_epsilon_and_k():
     # ε = 1 counts every vector not exactly in W0's span; the k=2 counts never exceed the k=10 ones
     by = sweep.set_index(["k", "epsilon"])["intruders"]
     assert all(by[(2, e)] <= by[(10, e)] for e in (0.1, 0.5, 0.9, 1.0))
+    # the counts move: a sweep of zeros (or of k) would pass the order checks above
+    assert by[(10, 0.1)] < by[(10, 0.5)] < by[(10, 0.9)] == 10 and by[(2, 1.0)] == 2
     direct = intruder_dimensions(ModuleUpdate("m", w0=w0, lora_A=a, lora_B=b, scaling=1.0), k=10, epsilon=0.5)
     assert by[(10, 0.5)] == direct.count
 

@@ -81,7 +81,9 @@ def test_rank_sweep_marks_full_rank_90():
     assert [t.name for t in fig.data] == ["r=4", "r=16", "full FT"]
     assert fig.data[2].line.color == COLORS["full"]
     assert fig.data[0].y[0] == 1.0 and fig.data[0].y[1] == 0.5      # normalised by σ₁
-    assert any(s.x0 == 21 for s in fig.layout.shapes)
+    assert any(s.x0 == 21 for s in fig.layout.shapes)          # a shape's x is a data value on a log axis
+    (note,) = [a for a in fig.layout.annotations if "rank_90" in a.text]
+    assert note.text == "full FT rank_90 = 21" and note.x == pytest.approx(np.log10(21))   # an annotation's is log10
 
 
 def test_similarity_heatmap_has_baseline():
@@ -121,8 +123,18 @@ def test_merge_error_and_latency_bars():
                            "max_abs_vs_fp32": [0.0, 1e-7, 2e-3, 4e-3], "max_rel_vs_fp32": [0, 0, 0, 0]})
     fig = plot_merge_errors(errors)
     assert [t.name for t in fig.data] == ["merged"]              # unmerged vs itself is left out
-    assert list(fig.data[0].y) == [1e-12, 3e-3] and list(fig.data[0].customdata) == [0.0, 3e-3]
-    assert len(plot_merge_errors(errors, reference="fp32").data) == 2
+    # an exact 0 is drawn a decade below the smallest error shown, labelled "0"
+    assert list(fig.data[0].y) == pytest.approx([3e-4, 3e-3]) and list(fig.data[0].customdata) == [0.0, 3e-3]
+    assert list(fig.data[0].text) == ["0", ""] and list(fig.data[0].x) == ["float32", "bfloat16"]
+    fp32 = plot_merge_errors(errors, reference="fp32")
+    assert [t.name for t in fp32.data] == ["unmerged", "merged"]
+    assert list(fp32.data[0].y) == pytest.approx([1e-8, 2e-3])        # floor: 1e-7 / 10
+    assert list(plot_merge_errors(errors.assign(max_abs=0.0)).data[0].y) == [1e-12, 1e-12]
+    with pytest.raises(ValueError, match="reference='bf16'"):
+        plot_merge_errors(errors, reference="bf16")
+    # with setups, bars are grouped by base dtype · factor dtype
+    setups = errors.assign(setup=["float32 · float32 LoRA"] * 2 + ["bfloat16 · float32 LoRA"] * 2)
+    assert list(plot_merge_errors(setups).data[0].x) == ["float32 · float32 LoRA", "bfloat16 · float32 LoRA"]
     latency = pd.DataFrame({"device": ["cpu"] * 3, "variant": ["base", "unmerged", "merged"],
                             "median_ms": [1.0, 1.4, 1.01], "min_ms": [0.9, 1.3, 0.95], "repeats": 5,
                             "relative": [1.0, 1.4, 1.01]})

@@ -12,6 +12,7 @@ from torch import nn
 from lora_analysis import apply_lora, read_adapter, save_adapter
 from lora_analysis.analysis.sources import load_base_weights, load_updates, orient_out_in, updates_from_adapter
 from lora_analysis.analysis.spectra import (cumulative_energy, dense_svd, effective_rank, energy_rank, factored_svd,
+                                            numerical_rank,
                                             spectra_frame, spectrum_metrics, stable_rank, update_spectrum)
 from lora_analysis.weights import ModuleUpdate
 
@@ -156,7 +157,7 @@ def test_updates_from_adapter_with_safetensors_base(tmp_path):
 def test_updates_without_base_have_no_w0(tmp_path):
     _, _, path = _saved_adapter(tmp_path)
     updates = updates_from_adapter(read_adapter(path))
-    assert all(u.w0 is None for u in updates.values())
+    assert set(updates) == {"fc1", "fc2"} and all(u.w0 is None for u in updates.values())
 
 
 def test_conv1d_weights_are_transposed_by_shape(tmp_path):
@@ -248,3 +249,46 @@ def test_run_style_base_weights_are_not_transposed_again(tmp_path):
     for name in ("run", "ckpt"):
         got = load_base_weights(tmp_path / f"{name}.safetensors", {"h.0.c_proj": (4, 4)}, fan_in_fan_out=True)
         assert torch.equal(got["h.0.c_proj"], w), name
+
+
+# ---- numerical rank: the cutoff follows the dtype the update was stored in (defect 10) ----------------
+
+def _float32_full_ft(n=256, k=5, seed=5):
+    """W0 and W_ft = W0 + ΔW (ΔW of rank k) as float32 weights: W_ft carries float32 rounding everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5).float()
+    delta = 0.05 * torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, n, generator=g,
+                                                                                   dtype=torch.float64) / n**0.5
+    return w0, (w0.double() + delta).float()
+
+
+def test_numerical_rank_of_a_float32_full_ft_update_is_its_true_rank():
+    w0, w_ft = _float32_full_ft(k=5)
+    row = spectra_frame([ModuleUpdate("m", w0=w0, w_ft=w_ft)]).iloc[0]
+    s = np.asarray(row["singular_values"])
+    assert s[5] > 1e-12 * s[0]          # rounding noise is far above a float64 cutoff: the old rule said 256
+    assert row["numerical_rank"] == 5
+    # the same rule on the bare float32 ΔW (numpy.linalg.matrix_rank's tolerance)
+    delta = (w_ft.double() - w0.double()).float()
+    assert numerical_rank(torch.linalg.svdvals(delta), shape=(256, 256), dtype=torch.float32) == 5
+    assert np.linalg.matrix_rank(delta.numpy()) == 5
+
+
+def test_numerical_rank_still_sees_a_full_rank_float32_update():
+    g = torch.Generator().manual_seed(6)
+    w0 = torch.randn(64, 48, generator=g)
+    w_ft = w0 + 0.01 * torch.randn(64, 48, generator=g)
+    assert spectra_frame([ModuleUpdate("m", w0=w0, w_ft=w_ft)]).loc[0, "numerical_rank"] == 48
+
+
+def test_numerical_rank_tolerance_is_eps_times_size_times_sigma1():
+    s = np.array([1.0, 1e-5, 1e-9])
+    # float32: eps·max(m, n) = 1.19e-7·100 ≈ 1.2e-5 drops 1e-5; float64 keeps all three
+    assert numerical_rank(s, shape=(100, 3), dtype=torch.float32) == 1
+    assert numerical_rank(s, shape=(100, 3), dtype=torch.float64) == 3
+    assert numerical_rank(s, shape=(100, 3), dtype=np.float32) == 1
+    assert numerical_rank([0.0, 0.0], shape=(2, 2), dtype=torch.float32) == 0
+    assert spectrum_metrics(s, shape=(100, 3), dtype=torch.float32)["numerical_rank"] == 1
+    # LoRA factors in float32: the cutoff is float32's too
+    a, b = _factors(out_f=100, in_f=3, r=3, dtype=torch.float32)
+    assert spectra_frame([ModuleUpdate("m", lora_A=a, lora_B=b, scaling=1.0)]).loc[0, "numerical_rank"] == 3

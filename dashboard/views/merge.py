@@ -8,14 +8,11 @@ import streamlit as st
 from dashboard.common import chart, guarded
 from dashboard.runs import all_runs, completed, empty_store_message, run_label, stamp
 from lora_analysis import runstore
-from lora_analysis.analysis.merge_check import latency_check, merge_check
+from lora_analysis.analysis.merge_check import latency_check, merge_check, merge_verdict
 from lora_analysis.lora import merge_and_unload
 from lora_analysis.plots.analysis import plot_latency, plot_merge_errors
 from lora_analysis.plots.training import plot_task_metrics
 from lora_analysis.training.restore import restore_run
-
-# PEFT's own merge tests: |merged − unmerged| ≤ atol + rtol·|unmerged| with atol = rtol = 1e-4 in float32
-ATOL = RTOL = 1e-4
 
 
 @st.cache_resource(max_entries=8, show_spinner="Rebuilding the run's model…")
@@ -28,7 +25,7 @@ def restored(run_dir: str, version: float):
 def merge_report(run_dir: str, version: float):
     r = restored(run_dir, version)
     check = merge_check(r.model, r.held_out_inputs())
-    return check.errors, check.roundtrip, check.params, check.skipped
+    return check.errors, check.roundtrip, check.params, check.skipped, check.setups
 
 
 @st.cache_data(max_entries=16, show_spinner="Timing base, unmerged and merged forwards…")
@@ -50,24 +47,21 @@ def task_report(run_dir: str, version: float, full_dir: str | None, full_version
 
 
 def verdict(errors: pd.DataFrame, latency: pd.DataFrame) -> tuple[bool, str]:
-    fp32 = errors[(errors["dtype"] == "float32") & (errors["variant"] == "merged")]
-    worst = float(fp32["max_abs"].iloc[0]) if len(fp32) else float("nan")
-    rel = float(fp32["max_rel"].iloc[0]) if len(fp32) else float("nan")
-    scale = worst / rel if rel > 0 else 0.0          # max |unmerged output|
-    tolerance = ATOL + RTOL * scale
+    """The library's verdict (computed from the numbers: PEFT's element-wise allclose) and the CPU speed."""
+    result = merge_verdict(errors)
     cpu = latency[latency["device"] == "cpu"].set_index("variant")["relative"]
-    same = worst <= tolerance
-    return same, (f"**Verdict.** Merged and unmerged outputs {'agree' if same else 'differ'}: max |Δ| = {worst:.2g} "
-                  f"in float32, within PEFT's tolerance of 1e-4 + 1e-4·max|y| = {tolerance:.2g}. The merged model "
-                  f"runs at {cpu.get('merged', float('nan')):.2f}× the base model's CPU time; unmerged LoRA at "
-                  f"{cpu.get('unmerged', float('nan')):.2f}×.")
+    return result.same, (f"{result.text} The merged model runs at {cpu.get('merged', float('nan')):.2f}× the base "
+                         f"model's CPU time; unmerged LoRA at {cpu.get('unmerged', float('nan')):.2f}×.")
 
 
 def page() -> None:
     st.title("Merge equivalence")
     st.caption("x·(W + ΔW) = x·W + x·ΔW: merging B·A into W should change nothing but the speed. In float32 it "
                "holds to rounding; in bfloat16/float16 the fp32 delta is rounded into the weight's dtype, and a "
-               "naive in-dtype merge rounds twice. Here is how much, on this run's held-out inputs.")
+               "naive in-dtype merge rounds twice. Each low-precision dtype is checked as users run it: float32 "
+               "LoRA factors on the low-precision base (PEFT's default, and this library), and factors in the "
+               "base's dtype (PEFT's autocast_adapter_dtype=False). Here is how much, on this run's held-out "
+               "inputs; \"agree\" means PEFT's element-wise allclose(atol=rtol=1e-4).")
     runs = completed(all_runs())
     lora_runs = [r for r in runs if r.method == "lora"]
     if not lora_runs:
@@ -79,7 +73,7 @@ def page() -> None:
     full = next((r for r in fulls if r.sweep_id == run.sweep_id), fulls[0] if fulls else None)
 
     with guarded("checking the merge") as g:
-        errors, roundtrip, params, skipped = merge_report(str(run.dir), stamp(run))
+        errors, roundtrip, params, skipped, setups = merge_report(str(run.dir), stamp(run))
         latency = latency_report(str(run.dir), stamp(run), 30)
     if g.failed:
         return
@@ -87,6 +81,8 @@ def page() -> None:
     (st.success if same else st.warning)(text, icon=":material/check_circle:" if same else ":material/warning:")
     for dtype, reason in skipped.items():
         st.warning(f"{dtype} was skipped on this machine: {reason}")
+    st.markdown("**Setups checked**: base weights · LoRA factors, and who runs each")
+    st.dataframe(setups, hide_index=True, width="stretch")
     left, right = st.columns(2)
     with left:
         reference = st.radio("Compare with", ["same dtype", "fp32"], horizontal=True, key="merge_ref",
@@ -94,7 +90,7 @@ def page() -> None:
         chart(plot_merge_errors(errors, reference), key="merge_errors")
     with right:
         chart(plot_latency(latency), key="merge_latency")
-    st.markdown("**Unmerge round trip**: max |W − unmerge(merge(W))| per dtype")
+    st.markdown("**Unmerge round trip**: max |W − unmerge(merge(W))| per dtype, float32 factors")
     st.dataframe(roundtrip, hide_index=True, width="stretch")
     st.markdown("**Parameters before and after merge_and_unload**")
     st.dataframe(params, hide_index=True)

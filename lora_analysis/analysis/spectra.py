@@ -19,6 +19,12 @@ extra digits. Dense SVDs run in float64 up to ``DENSE_FLOAT64_MAX`` elements (20
 above, where float64 would double memory and time for digits the metrics do not use (σ to ~1e-6
 relative). Pass ``dtype=`` to force one.
 
+Numerical rank
+--------------
+σ_k counts when σ_k > eps·max(out, in)·σ₁ with eps the machine epsilon of the dtype the update was
+*stored* in (numpy.linalg.matrix_rank's rule): a float32 W_ft − W0 carries float32 rounding in every
+entry, and an SVD run in float64 does not remove it.
+
 Zero updates
 ------------
 A zero ΔW (B = 0 at initialisation) has no spectrum to speak of. Its metrics are defined, not NaN:
@@ -39,8 +45,6 @@ import torch
 from ..weights import ModuleUpdate, as_update_list
 
 DENSE_FLOAT64_MAX = 2048 * 2048
-# Singular values at or below this share of σ₁ are rounding noise of a rank-deficient matrix.
-_ZERO_TOL = 1e-12
 
 
 @dataclass
@@ -175,14 +179,56 @@ def stable_rank(singular_values) -> float:
     return float(np.sum(s**2) / s[0] ** 2)
 
 
-def spectrum_metrics(singular_values) -> dict:
+def _eps(dtype) -> float:
+    """Machine epsilon of a torch or numpy floating dtype."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} is not a floating dtype: numerical rank needs float data")
+        return float(torch.finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
+
+
+def _source_dtype(singular_values):
+    """The dtype of tensor/array input (float64 for plain lists)."""
+    if isinstance(singular_values, torch.Tensor) and singular_values.dtype.is_floating_point:
+        return singular_values.dtype
+    if isinstance(singular_values, np.ndarray) and np.issubdtype(singular_values.dtype, np.floating):
+        return singular_values.dtype
+    return np.float64
+
+
+def numerical_rank(singular_values, shape: tuple[int, int] | None = None, dtype=None) -> int:
+    """Number of σ_k > eps·max(m, n)·σ₁ (numpy.linalg.matrix_rank's tolerance).
+
+    ``shape`` (m, n) of the matrix (default: square, len(σ) wide); ``dtype`` the torch or numpy dtype the
+    matrix was stored in, whose eps sets the cutoff (default: the dtype of ``singular_values`` when it is a
+    tensor or array, else float64). 0 for a zero matrix.
+    """
+    dtype = _source_dtype(singular_values) if dtype is None else dtype
+    s = _as_numpy(singular_values)
+    if not len(s) or s[0] <= 0:
+        return 0
+    size = max(shape) if shape is not None else len(s)
+    return int(np.sum(s > _eps(dtype) * size * s[0]))
+
+
+def update_dtype(update: ModuleUpdate) -> torch.dtype:
+    """The least precise floating dtype among the tensors that make ΔW (A and B, or W0 and W_ft): its
+    rounding is in ΔW whatever precision the SVD runs in."""
+    parts = [update.lora_A, update.lora_B] if update.kind == "lora" else [update.w0, update.w_ft]
+    dtypes = [t.dtype for t in parts if t is not None and t.dtype.is_floating_point] or [torch.float32]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def spectrum_metrics(singular_values, shape: tuple[int, int] | None = None, dtype=None) -> dict:
     """All per-module numbers of one spectrum.
 
     Returns a dict: ``fro_norm`` (√Σσ²), ``spectral_norm`` (σ₁), ``stable_rank``, ``effective_rank``,
     ``rank_90`` / ``rank_99`` (directions needed for 90 % / 99 % of Σσ²), ``numerical_rank`` (σ above
-    1e-12·σ₁), ``normalized_spectrum`` (σ/σ₁ as a list; zeros for a zero matrix) and
-    ``singular_values`` (list, descending).
+    eps·max(m, n)·σ₁, see :func:`numerical_rank` for ``shape`` and ``dtype``), ``normalized_spectrum``
+    (σ/σ₁ as a list; zeros for a zero matrix) and ``singular_values`` (list, descending).
     """
+    rank = numerical_rank(singular_values, shape, dtype)
     s = _as_numpy(singular_values)
     top = float(s[0]) if len(s) else 0.0
     return {
@@ -192,7 +238,7 @@ def spectrum_metrics(singular_values) -> dict:
         "effective_rank": effective_rank(s),
         "rank_90": energy_rank(s, 0.90),
         "rank_99": energy_rank(s, 0.99),
-        "numerical_rank": int(np.sum(s > _ZERO_TOL * top)) if top > 0 else 0,
+        "numerical_rank": rank,
         "normalized_spectrum": (s / top).tolist() if top > 0 else np.zeros_like(s).tolist(),
         "singular_values": s.tolist(),
     }
@@ -204,7 +250,7 @@ def module_spectrum_row(update: ModuleUpdate, spectrum: Spectrum | None = None) 
     out_f, in_f = update.shape
     return {"name": update.name, "kind": update.kind, "out_features": out_f, "in_features": in_f,
             "shape": [out_f, in_f], "rank": update.rank, "scaling": update.scaling,
-            **spectrum_metrics(spectrum.S)}
+            **spectrum_metrics(spectrum.S, (out_f, in_f), update_dtype(update))}
 
 
 SPECTRA_COLUMNS = ["name", "kind", "out_features", "in_features", "shape", "rank", "scaling", "fro_norm",

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .style import COLORS, SEQUENCE, apply_style
+from .style import COLORS, SEQUENCE, apply_style, reference_line
 
 # A longer qualitative palette for many modules on one chart.
 MODULE_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -137,9 +137,8 @@ def plot_rank_sweep_spectra(runs: pd.DataFrame, normalized: bool = True,
                                  name=str(row["label"]), line={"color": color, "width": 3 if is_full else 2},
                                  hovertemplate=f"{row['label']}<br>k=%{{x}}<br>σ=%{{y:.4g}}<extra></extra>"))
         if is_full and "rank_90" in row and pd.notna(row["rank_90"]) and row["rank_90"] > 0:
-            fig.add_vline(x=int(row["rank_90"]), line={"color": COLORS["full"], "dash": "dash"},
-                          annotation_text=f"full FT rank_90 = {int(row['rank_90'])}",
-                          annotation_position="top right")
+            reference_line(fig, int(row["rank_90"]), f"full FT rank_90 = {int(row['rank_90'])}", axis="x",
+                           log=True, line={"color": COLORS["full"], "dash": "dash"})
     fig.update_xaxes(type="log", title="singular value index k")
     fig.update_yaxes(type="log", title="σ_k / σ_1" if normalized else "singular value σ_k")
     return apply_style(fig, title)
@@ -228,27 +227,35 @@ def plot_intruders_vs_epsilon(sweep: pd.DataFrame, k: int | None = None,
 
 def plot_merge_errors(errors: pd.DataFrame, reference: str = "same dtype",
                       title: str = "Merge error per dtype") -> go.Figure:
-    """Grouped bars of max |y − y_ref| per dtype, one bar per merge variant (log y).
+    """Grouped bars of max |y − y_ref| per setup (base dtype · LoRA factor dtype), one bar per merge variant
+    (log y).
 
-    ``errors``: ``MergeCheck.errors``. ``reference`` "same dtype" compares with the unmerged output in the
-    same dtype (what merging itself changes), "fp32" with the unmerged float32 output. Exact zeros are
-    drawn at 1e-12 (a log axis has no 0) and labelled "0" in the hover text.
+    ``errors``: ``MergeCheck.errors`` (frames without a ``setup`` column are grouped by ``dtype``).
+    ``reference`` "same dtype" compares with the unmerged output of the same setup (what merging itself
+    changes), "fp32" with the unmerged float32 output. A log axis has no 0: exact zeros are drawn at a tenth
+    of the smallest nonzero error on the chart (1e-12 when all are 0), with the text "0" on the bar and in
+    the hover.
     """
     col = "max_abs" if reference == "same dtype" else "max_abs_vs_fp32"
     if reference not in ("same dtype", "fp32"):
         raise ValueError(f"reference={reference!r} is not allowed: choose 'same dtype' or 'fp32'")
     colors = {"unmerged": COLORS["lora"], "merged": COLORS["merged"], "merged_unmerged": "#98df8a",
               "merge_and_unload": "#17becf", "naive_merge": COLORS["rslora"]}
-    fig = go.Figure()
+    group = "setup" if "setup" in errors.columns else "dtype"
     variants = [v for v in errors["variant"].unique() if not (reference == "same dtype" and v == "unmerged")]
+    shown = errors[errors["variant"].isin(variants)][col].astype(float).to_numpy()
+    nonzero = shown[shown > 0]
+    floor = float(nonzero.min()) / 10 if len(nonzero) else 1e-12
+    fig = go.Figure()
     for variant in variants:
         part = errors[errors["variant"] == variant]
         values = part[col].astype(float).to_numpy()
-        fig.add_trace(go.Bar(x=part["dtype"], y=np.where(values > 0, values, 1e-12), name=variant.replace("_", " "),
+        fig.add_trace(go.Bar(x=part[group], y=np.where(values > 0, values, floor), name=variant.replace("_", " "),
                              marker_color=colors.get(variant, COLORS["base"]), customdata=values,
+                             text=["0" if v == 0 else "" for v in values], textposition="outside",
                              hovertemplate=variant + " (%{x}): max abs error %{customdata:.3g}<extra></extra>"))
     fig.update_layout(barmode="group")
-    fig.update_xaxes(title="dtype")
+    fig.update_xaxes(title="base dtype · LoRA factor dtype" if group == "setup" else "dtype")
     fig.update_yaxes(type="log", title="max |output − reference| (output units)")
     return apply_style(fig, f"{title} (reference: unmerged, {reference})")
 

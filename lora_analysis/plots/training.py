@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .style import COLORS, SEQUENCE, apply_style
+from .style import COLORS, SEQUENCE, apply_style, reference_line
 
 LABELS = {"val_accuracy": "validation accuracy", "val_loss": "validation loss", "val_perplexity":
           "validation perplexity", "train_loss": "training loss", "final_train_loss": "final training loss",
@@ -95,14 +95,14 @@ def plot_loss_curves(metrics: pd.DataFrame, y: str = "train_loss", title: str | 
 def _reference_lines(fig: go.Figure, runs: pd.DataFrame, metric: str) -> None:
     for _, row in _full_rows(runs).iterrows():
         if pd.notna(row.get(metric)):
-            fig.add_hline(y=row[metric], line={"color": COLORS["full"], "dash": "dash"},
-                          annotation_text=f"full fine-tuning {row[metric]:.4g}", annotation_position="top left")
+            reference_line(fig, float(row[metric]), f"full fine-tuning {row[metric]:.4g}",
+                           line={"color": COLORS["full"], "dash": "dash"})
             break
     base = f"base_{metric}"
     if base in runs.columns and runs[base].notna().any():
         value = float(runs[base].dropna().iloc[0])
-        fig.add_hline(y=value, line={"color": COLORS["base"], "dash": "dot"},
-                      annotation_text=f"frozen base {value:.4g}", annotation_position="bottom left")
+        reference_line(fig, value, f"frozen base {value:.4g}", line={"color": COLORS["base"], "dash": "dot"},
+                       below=True)
 
 
 def plot_metric_vs_rank(runs: pd.DataFrame, metric: str = "val_accuracy", title: str | None = None) -> go.Figure:
@@ -206,11 +206,11 @@ def plot_update_norm(norms: pd.DataFrame, x: str = "alpha", title: str | None = 
         fig.add_trace(go.Scatter(x=group[x], y=group["delta_norm"], mode="lines+markers", name=label,
                                  line={"color": SEQUENCE[(i + 2) % len(SEQUENCE)]},
                                  hovertemplate=f"{x}=%{{x:g}}<br>‖ΔW‖_F %{{y:.4g}}<extra>{label}</extra>"))
-    full = norms[norms["method"] == "full"]
+    full = norms[(norms["method"] == "full") & (norms["delta_norm"] > 0)]
     if len(full):
-        fig.add_hline(y=float(full["delta_norm"].iloc[0]), line={"color": COLORS["full"], "dash": "dash"},
-                      annotation_text=f"full fine-tuning {float(full['delta_norm'].iloc[0]):.3g}",
-                      annotation_position="top left")
+        value = float(full["delta_norm"].iloc[0])
+        reference_line(fig, value, f"full fine-tuning {value:.3g}", log=True,
+                       line={"color": COLORS["full"], "dash": "dash"})
     fig.update_xaxes(type="log", title="alpha α" if x == "alpha" else "rank r")
     fig.update_yaxes(type="log", title="‖ΔW‖_F over all adapted modules")
     return apply_style(fig, title or f"Size of the learned update versus {'alpha' if x == 'alpha' else 'rank'}")
