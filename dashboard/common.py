@@ -18,20 +18,20 @@ class Outcome:
 
 @contextmanager
 def guarded(action: str = "this"):
-    """Show library errors as an ``st.error`` with the message, never a traceback on the page.
+    """Show a user error (``ValueError``: a bad value, a bad file) as an ``st.error`` with its message; show
+    anything else as what it is, a bug, with its traceback (``st.exception``). The page goes on either way.
 
     ``with guarded("loading") as g: ...`` then ``if g.failed: return``.
     """
     outcome = Outcome()
     try:
         yield outcome
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    except ValueError as exc:
         outcome.failed = True
-        st.error(f"Could not do {action}: {msg}", icon=":material/error:")
-    except Exception as exc:  # a bug of ours: still no traceback for the user, but a clear pointer
+        st.error(f"Could not do {action}: {exc}", icon=":material/error:")
+    except Exception as exc:  # a bug of ours: shown with its traceback, never dressed up as a user error
         outcome.failed = True
-        st.error(f"Unexpected {type(exc).__name__} while doing {action}: {exc}", icon=":material/bug_report:")
+        st.exception(exc)
 
 
 def chart(fig: go.Figure, key: str | None = None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lora_analysis import runstore
 from lora_analysis.cli import main
 
@@ -55,3 +57,38 @@ def test_sweep_and_runs_commands(lora_home, capsys, tmp_path):
     assert main(["runs", "--runs-dir", str(tmp_path / "empty")]) == 0
     assert "no runs in" in capsys.readouterr().out
     assert main(["runs", "show", "nope", "--runs-dir", str(out_dir)]) == 2
+
+
+def test_a_bug_in_a_command_is_a_traceback_not_a_user_error(lora_home, monkeypatch, capsys):
+    """Defect 11: only ValueError (and OSError about a file the user named) is a one-line error, exit 2;
+    a KeyError or RuntimeError inside a command is a bug and propagates with its traceback."""
+    from lora_analysis.training import trainer
+
+    for bug in (KeyError("x"), RuntimeError("internal state")):
+        def buggy(*args, _bug=bug, **kwargs):
+            raise _bug
+
+        monkeypatch.setattr(trainer, "train", buggy)
+        with pytest.raises(type(bug)):
+            main(["train", "--steps", "1", "--pretrain-steps", "30", "-q"])
+        assert "error:" not in capsys.readouterr().err
+
+
+def test_an_os_error_is_a_user_error_only_for_a_file_the_user_named(lora_home, monkeypatch, capsys, tmp_path):
+    from lora_analysis.training import trainer
+
+    named = tmp_path / "data.csv"
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(named))
+
+    monkeypatch.setattr(trainer, "task_for", unreadable)
+    assert main(["train", "--data", str(named), "-q"]) == 2
+    assert "Permission denied" in capsys.readouterr().err
+
+    def cache_broken(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "somewhere" / "cache.bin"))
+
+    monkeypatch.setattr(trainer, "task_for", cache_broken)
+    with pytest.raises(PermissionError):
+        main(["train", "-q"])

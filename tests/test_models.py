@@ -63,11 +63,39 @@ def test_pretrained_base_is_cached_by_config_and_data(lora_home, monkeypatch, tm
     a, b = first.build_model().state_dict(), second.build_model().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert prepare_task("mlp-digits", pretrain_steps=31).info["pretrain"]["cache_hit"] is False
-    # a damaged cache file is rebuilt, not trusted
-    Path(first.info["pretrain"]["cache_file"]).write_bytes(b"garbage")
-    assert prepare_task("mlp-digits", pretrain_steps=30).info["pretrain"]["cache_hit"] is False
-    # the base is well trained on its own upright digits
     assert isinstance(first.build_model(), DigitsMLP)
+    assert first.base_sha256 == second.base_sha256 != prepare_task("mlp-digits", pretrain_steps=31).base_sha256
+
+
+def test_a_corrupt_cache_file_warns_and_is_pretrained_again(lora_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ANALYSIS_HOME", str(tmp_path / "fresh"))
+    first = prepare_task("mlp-digits", pretrain_steps=30)
+    cache_file = Path(first.info["pretrain"]["cache_file"])
+    cache_file.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match=f"{cache_file.name}.*pretraining it again"):
+        again = prepare_task("mlp-digits", pretrain_steps=30)
+    assert again.info["pretrain"]["cache_hit"] is False
+    a, b = first.build_model().state_dict(), again.build_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)      # pretraining is deterministic: the same base again
+    assert prepare_task("mlp-digits", pretrain_steps=30).info["pretrain"]["cache_hit"] is True
+    cache_file.with_suffix(".json").write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="pretraining it again"):
+        assert prepare_task("mlp-digits", pretrain_steps=30).info["pretrain"]["cache_hit"] is False
+
+
+def test_an_unrelated_error_in_the_cache_propagates(lora_home, monkeypatch, tmp_path):
+    """Only a missing or unreadable cache file means "pretrain again"; a bug is not hidden by it."""
+    from lora_analysis.training import models
+
+    monkeypatch.setenv("LORA_ANALYSIS_HOME", str(tmp_path / "fresh"))
+    prepare_task("mlp-digits", pretrain_steps=30)
+
+    def buggy_load(path):
+        raise KeyError("a bug in the loader")
+
+    monkeypatch.setattr(models, "load_file", buggy_load)
+    with pytest.raises(KeyError, match="a bug in the loader"):
+        prepare_task("mlp-digits", pretrain_steps=30)
 
 
 def test_base_is_good_on_source_and_bad_on_the_shifted_target(lora_home):

@@ -171,3 +171,35 @@ def test_capped_module_keeps_the_sweeps_scaling(lora_home):
         layers = lora_layers(result.model)
         assert layers["fc3"].rank == 10 and layers["fc1"].rank == 32
         assert layers["fc3"].scaling == pytest.approx(layers["fc1"].scaling)
+        # the run records the rank and alpha each module actually got
+        task = runstore.load_run(result.run_id).task
+        assert task["ranks"] == {"fc1": 32, "fc2": 32, "fc3": 10}
+        assert task["alphas"]["fc1"] == 16 and task["alphas"]["fc3"] == pytest.approx(16 * (10 / 32 if not rslora
+                                                                                           else (10 / 32) ** 0.5))
+
+
+def test_three_threads_reproduce_the_sequential_losses(digits, lora_home):
+    """Defect 6: each run draws LoRA's init and dropout from its own generator, so runs in threads of one
+    process give exactly the losses of the same run alone. The threads take each step in lockstep, so
+    their draws interleave (with one global RNG they would draw each other's numbers)."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(model="mlp-digits", rank=4, dropout=0.3, steps=12, eval_every=12)
+        sequential = train(cfg, task=digits, save=False).history["train_loss"].tolist()[1:]
+        barrier = threading.Barrier(3)
+        losses: dict[int, list[float]] = {}
+
+        def run(i: int) -> None:
+            result = train(cfg, task=digits, save=False, progress=lambda **_: barrier.wait(timeout=120))
+            losses[i] = result.history["train_loss"].tolist()[1:]
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    assert len(sequential) == 12
+    assert losses == {0: sequential, 1: sequential, 2: sequential}

@@ -76,3 +76,64 @@ def test_hf_text_file_data_and_bad_folder(lora_home, tmp_path):
         prepare_task(str(tmp_path / "empty_dir"))
     with pytest.raises(ValueError, match="longer than the model's context of 64"):
         prepare_task(path, seq_len=128)
+
+
+def test_a_run_records_the_revision_of_its_base(lora_home, tmp_path, monkeypatch):
+    """Interface 7: a hub model's run keeps the commit it was trained on; a local folder's run and a built-in
+    base's run keep a content hash (the same files give the same hash, other files another)."""
+    import huggingface_hub
+
+    from lora_analysis.training.models import folder_sha256, state_sha256
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    _save_tiny("llama", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # read once, at import
+    short = dict(data="python-docs", seq_len=16, steps=1, batch_size=2, max_eval_tokens=64)
+    hub_run = runstore.load_run(train(TrainConfig(model="tiny-org/tiny-llama", **short)).run_id)
+    assert hub_run.task[runstore.BASE_REVISION_KEY] == commit and hub_run.task["base_sha256"] is None
+
+    folder = _save_tiny("gpt2", tmp_path / "gpt2")
+    local_run = runstore.load_run(train(TrainConfig(model=folder, **short)).run_id)
+    assert local_run.task[runstore.BASE_REVISION_KEY] is None
+    assert local_run.task["base_sha256"] == folder_sha256(tmp_path / "gpt2") != folder_sha256(repo / "snapshots" / commit)
+
+    task = prepare_task("mlp-digits", pretrain_steps=30)
+    digits_run = runstore.load_run(train(TrainConfig(model="mlp-digits", pretrain_steps=30, steps=1), task=task).run_id)
+    assert digits_run.task["base_sha256"] == state_sha256(task.build_model().state_dict())
+    assert digits_run.task["base_sha256"] != prepare_task("mlp-digits", pretrain_steps=31).base_sha256
+
+
+def test_models_that_draw_from_the_global_rng_take_turns(lora_home, tmp_path):
+    """GPT-2's own dropout draws from the process's global RNG, which no per-run generator can replace:
+    such runs take turns (one at a time per process) with the global RNG seeded per run, so threads
+    still reproduce the run alone, and the caller's global RNG is left as it was."""
+    import threading
+
+    from lora_analysis.training.trainer import _GLOBAL_RNG_TURN, draws_from_global_rng
+
+    path = _save_tiny("gpt2", tmp_path / "gpt2")
+    task = prepare_task(path, "python-docs", seq_len=16)
+    assert draws_from_global_rng(task.build_model())
+    assert not draws_from_global_rng(prepare_task("mlp-digits", pretrain_steps=30).build_model())
+    cfg = TrainConfig(model=path, data="python-docs", seq_len=16, steps=4, batch_size=2, max_eval_tokens=64,
+                      dropout=0.1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    alone = train(cfg, task=task, save=False).history["train_loss"].tolist()[1:]
+    assert torch.equal(torch.get_rng_state(), before)
+    losses, held = {}, []
+
+    def run(i):
+        result = train(cfg, task=task, save=False, progress=lambda **_: held.append(_GLOBAL_RNG_TURN.locked()))
+        losses[i] = result.history["train_loss"].tolist()[1:]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert losses == {0: alone, 1: alone, 2: alone} and len(held) == 12 and all(held)

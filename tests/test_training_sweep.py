@@ -24,7 +24,7 @@ def test_settings_cover_the_grid_plus_full_ft():
     assert by_label["full FT"].method == "full"
     with pytest.raises(ValueError, match="alpha='x' is not allowed"):
         sweep_settings(ranks=[1], alphas=["x"])
-    with pytest.raises(ValueError, match="rank=0 is not allowed"):
+    with pytest.raises(ValueError, match=r"ranks=\[0\] is not allowed.*rank=0"):
         sweep_settings(ranks=[0])
     with pytest.raises(ValueError, match="lr=-1"):
         sweep_settings(ranks=[1], lr=-1.0)
@@ -89,8 +89,12 @@ def test_settings_must_share_model_and_data(lora_home):
 def test_process_executor_runs_jobs_in_other_processes(lora_home):
     settings = sweep_settings(ranks=[2], alphas=[4], full_ft=True, steps=5)
     local = run_sweep(settings, executor=LocalExecutor()).frame
-    pooled = run_sweep(settings, executor=ProcessExecutor(max_workers=2)).frame
+    seen = []
+    pooled = run_sweep(settings, executor=ProcessExecutor(max_workers=2),
+                       progress=lambda **p: seen.append((p["run_index"], p["step"], p["total"], p["label"]))).frame
     assert (pooled["status"] == "completed").all()
+    # the workers' progress reaches this process: at least each run's last step, with its label
+    assert {(0, 5, 5, "LoRA r=2 α=4"), (1, 5, 5, "full FT")} <= set(seen)
     # same seed, same base from the cache: the same numbers in another process
     assert pooled["val_loss"].tolist() == pytest.approx(local["val_loss"].tolist(), rel=1e-6)
     assert pooled["run_id"].nunique() == 2 and set(pooled["run_id"]).isdisjoint(local["run_id"])
@@ -101,3 +105,27 @@ def test_sweep_refuses_a_missing_model_folder_before_any_run(lora_home, tmp_path
         sweep_settings(model=str(tmp_path / "nowhere"), ranks=[1])
     with pytest.raises(ValueError, match="Did you mean 'mlp-digits'"):
         sweep_settings(model="mlp_digits", ranks=[1])
+
+
+def test_cancel_reaches_the_runs_in_worker_processes(lora_home):
+    """Defect 4: cancel set in this process stops the run in the worker process and skips the rest; the
+    run that completed before is intact. One worker, so the runs go in order; the long run is long
+    enough that it is still going when the cancel arrives."""
+    stop = threading.Event()
+    common = dict(pretrain_steps=30, eval_every=100_000)
+    settings = [("short", TrainConfig(rank=1, steps=5, **common)),
+                ("long", TrainConfig(rank=2, steps=50_000, **common)),
+                ("skipped", TrainConfig(rank=4, steps=5, **common)),
+                ("full", TrainConfig(method="full", steps=5, **common))]
+
+    def progress(run_index, step, total, **_):
+        if run_index == 0 and step == total:
+            stop.set()
+
+    result = run_sweep(settings, executor=ProcessExecutor(max_workers=1), progress=progress, cancel=stop)
+    assert [r.status for r in result.results] == ["completed", "cancelled", "cancelled", "cancelled"]
+    assert result.results[1].metrics.get("steps_done", 0) < 50_000
+    stored = {r.name: r for r in runstore.list_runs()}
+    assert set(stored) <= {"short", "long"} and stored["short"].status == "completed"
+    assert "long" not in stored or stored["long"].status == "cancelled"
+    assert sorted(runstore.load_updates(stored["short"])) == ["fc1", "fc2", "fc3"]

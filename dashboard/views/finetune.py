@@ -10,6 +10,8 @@ from dashboard.runs import all_runs, clear_caches, run_label
 from lora_analysis import jobs, runstore
 from lora_analysis.paths import home_dir
 from lora_analysis.plots.training import plot_loss_curves
+from lora_analysis.store.files import atomic_write_bytes
+from lora_analysis.training.config import SweepSpec, field_help
 from lora_analysis.training.models import BUILTIN_MODELS
 
 HF_CHOICE = "Hugging Face model (folder or hub id)"
@@ -27,9 +29,7 @@ def save_upload(upload) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.{suffix}"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        atomic_write_bytes(path, data)
     return str(path)
 
 
@@ -46,31 +46,35 @@ def parse_alphas(text: str) -> list:
     return out
 
 
+def helps(name: str, more: str = "") -> str:
+    """The help of a sweep setting, as the CLI shows it (one text, from the setting's field)."""
+    return field_help(SweepSpec, name) + more
+
+
 def launch_form() -> None:
     with st.form("finetune_form"):
         c = st.columns([2, 2, 2])
-        model_choice = c[0].selectbox("Model", [*BUILTIN_MODELS, HF_CHOICE], key="ft_model")
+        model_choice = c[0].selectbox("Model", [*BUILTIN_MODELS, HF_CHOICE], key="ft_model", help=helps("model"))
         hf_model = c[0].text_input("Hugging Face folder or hub id", key="ft_hf_model",
                                    help="e.g. ./my-gpt2 (saved with save_pretrained) or gpt2 (needs the Hub)")
         methods = c[1].multiselect("Methods", ["LoRA", "full fine-tuning"], default=["LoRA", "full fine-tuning"],
-                                   key="ft_methods")
-        ranks = c[1].multiselect("LoRA ranks", RANK_CHOICES, default=[1, 4, 16], key="ft_ranks")
-        alphas = c[2].text_input("LoRA alphas", "16", key="ft_alphas",
-                                 help="comma-separated numbers or multiples of the rank: 16, r, 2r")
-        scaling = c[2].radio("Scaling", ["α/r", "α/√r (rsLoRA)", "both"], horizontal=True, key="ft_scaling")
+                                   key="ft_methods", help=helps("full_ft", "; LoRA adds one run per rank, alpha "
+                                                                           "and scaling"))
+        ranks = c[1].multiselect("LoRA ranks", RANK_CHOICES, default=[1, 4, 16], key="ft_ranks", help=helps("ranks"))
+        alphas = c[2].text_input("LoRA alphas", "16", key="ft_alphas", help=helps("alphas"))
+        scaling = c[2].radio("Scaling", ["α/r", "α/√r (rsLoRA)", "both"], horizontal=True, key="ft_scaling",
+                             help=helps("rslora", "; both: each setting with α/r and with α/√r"))
         c = st.columns([2, 1, 1, 1, 1, 1])
-        targets = c[0].text_input("Target modules", "", key="ft_targets",
-                                  help="empty: the model's default (q_proj,v_proj; all-linear for mlp-digits); "
-                                       "or comma-separated names, or all-linear")
-        dropout = c[1].number_input("Dropout", 0.0, 0.95, 0.0, 0.05, key="ft_dropout")
-        steps = c[2].number_input("Steps", 0, 100_000, 0, key="ft_steps", help="0: the model's default")
+        targets = c[0].text_input("Target modules", "", key="ft_targets", help=helps("targets"))
+        dropout = c[1].number_input("Dropout", 0.0, 0.95, 0.0, 0.05, key="ft_dropout", help=helps("dropout"))
+        steps = c[2].number_input("Steps", 0, 100_000, 0, key="ft_steps", help=helps("steps", "; 0: the default"))
         lr = c[3].number_input("Learning rate", 0.0, 1.0, 0.0, format="%.5f", key="ft_lr",
-                               help="0: per model and method (LoRA takes a larger one)")
-        device = c[4].selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="ft_device")
-        seed = c[5].number_input("Seed", 0, 2**31 - 1, 0, key="ft_seed")
+                               help=helps("lr", "; 0: the default"))
+        device = c[4].selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="ft_device", help=helps("device"))
+        seed = c[5].number_input("Seed", 0, 2**31 - 1, 0, key="ft_seed", help=helps("seed"))
         data = st.file_uploader("Your own data (optional): CSV table with a label column for mlp-digits; "
                                 ".txt/.jsonl/.csv text for language models", type=["csv", "txt", "jsonl"],
-                                key="ft_data")
+                                key="ft_data", help=helps("data"))
         submitted = st.form_submit_button("Launch", type="primary", icon=":material/rocket_launch:")
     if not submitted:
         return

@@ -8,82 +8,93 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
+from typing import Any, Sequence
 
 import pandas as pd
 
 from .. import runstore
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="mlp-digits",
-                   help="mlp-digits, tiny-gpt, a Hugging Face hub id or a local model folder (default mlp-digits)")
-    g.add_argument("--data", default=None, help="CSV table (mlp-digits) or corpus name / .txt .jsonl .csv text "
-                                                "file (language models); default: the model's own task")
-    g.add_argument("--label-column", default=None, help="label column of a CSV table (default label/target/class)")
-    g.add_argument("--text-field", default=None, help="text field of a .jsonl/.csv text file (default text)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per training window (language models)")
-    g.add_argument("--pretrain-steps", type=int, default=None,
-                   help="pretraining steps of a built-in base (default: the model's; cached per value)")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per model and method)")
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: per model)")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (and at the end)")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
-    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
-    t.add_argument("--runs-dir", "--out", dest="runs_dir", default=None,
+# ---- options generated from the settings' fields ------------------------------------------------------
+
+def _scalar_type(hint: Any) -> type:
+    """int, float or str: the parser of a field annotated ``int | None``, ``float``, ``str | list[str]``..."""
+    options = typing.get_args(hint) or (hint,)
+    for t in (int, float):
+        if t in options:
+            return t
+    return str
+
+
+def _shown(default: Any) -> str:
+    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def add_setting_options(parser: argparse.ArgumentParser, cls: type, order: Sequence[str]) -> None:
+    """One option per field of the settings dataclass ``cls``: ``--batch-size`` for ``batch_size`` (plus
+    the field's ``flags``), its help, default, type and choices, in argument groups named by the fields'
+    ``group`` (in ``order``). A field with ``options`` gets several mutually exclusive flags."""
+    hints = typing.get_type_hints(cls)
+    groups = {name: parser.add_argument_group(name) for name in order}
+    for f in dataclasses.fields(cls):
+        meta, default = f.metadata, _field_default(f)
+        group = groups[meta["group"]]
+        help_text = meta["help"].replace("%", "%%")
+        if meta.get("options"):
+            exclusive = group.add_mutually_exclusive_group()
+            for flag, kwargs in meta["options"]:
+                exclusive.add_argument(flag, dest=f.name, default=default, **{"help": help_text, **kwargs})
+            continue
+        cli_default = meta.get("cli_default", default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": cli_default}
+        if hints[f.name] is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = meta.get("type") or _scalar_type(hints[f.name])
+            kwargs.update({k: meta[k] for k in ("choices", "metavar", "action") if k in meta})
+            if cli_default is not None:
+                help_text += f" (default {_shown(cli_default)})"
+        group.add_argument(f"--{f.name.replace('_', '-')}", *meta.get("flags", ()), help=help_text, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The settings dataclass ``cls`` from parsed options (an option not given takes the field's default)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{f.name: _field_default(f) if values[f.name] is None else values[f.name]
+                  for f in dataclasses.fields(cls)})
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("output")
+    o.add_argument("--runs-dir", "--out", dest="runs_dir", default=None,
                    help="run store folder (default $LORA_ANALYSIS_HOME/runs or the user data folder)")
-    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-
-
-def _common_kwargs(args: argparse.Namespace) -> dict:
-    return {"data": args.data, "label_column": args.label_column, "text_field": args.text_field,
-            "seq_len": args.seq_len, "pretrain_steps": args.pretrain_steps, "lr": args.lr, "steps": args.steps,
-            "batch_size": args.batch_size, "eval_every": args.eval_every, "weight_decay": args.weight_decay,
-            "seed": args.seed, "device": args.device, "bf16": args.bf16}
-
-
-def _targets(text: str | None):
-    if text is None:
-        return None
-    return "all-linear" if text.strip() == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..training.config import SweepSpec, TrainConfig
+
     p = sub.add_parser("train", help="fine-tune one model with LoRA or fully, into the run store",
                        description="Fine-tune with LoRA (base frozen) or fully, and record the run.")
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
-    lora = p.add_argument_group("LoRA")
-    lora.add_argument("--rank", "-r", type=int, default=8)
-    lora.add_argument("--alpha", type=float, default=None, help="default: equal to the rank (scaling 1)")
-    lora.add_argument("--dropout", type=float, default=0.0)
-    lora.add_argument("--targets", default=None,
-                      help="comma-separated module suffixes, or all-linear (default: per model)")
-    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    lora.add_argument("--init", choices=["kaiming", "gaussian", "pissa"], default="kaiming")
-    _add_common(p)
+    add_setting_options(p, TrainConfig, ("method", "LoRA", "model and data", "optimisation"))
+    _add_output(p)
     p.add_argument("--name", default=None, help="a name for the run")
     p.add_argument("--json", action="store_true", help="print the run's final metrics as JSON")
     p.set_defaults(func=run_train)
 
     s = sub.add_parser("sweep", help="many LoRA runs (ranks × alphas × scaling × targets) plus full FT",
                        description="Sweep LoRA settings on one pretrained base and data split.")
-    s.add_argument("--ranks", default="1,2,4,8,16,32", help="comma-separated ranks (default 1,2,4,8,16,32)")
-    s.add_argument("--alphas", default="16", help="comma-separated alphas: numbers or multiples of r "
-                                                  "such as r,2r (default 16)")
-    scal = s.add_mutually_exclusive_group()
-    scal.add_argument("--rslora", action="store_true", help="use alpha/sqrt(r) for every run")
-    scal.add_argument("--compare-rslora", action="store_true", help="run each setting with alpha/r and alpha/sqrt(r)")
-    s.add_argument("--targets", action="append", default=None,
-                   help="a target choice (module suffixes comma-separated, or all-linear); repeat to compare")
-    s.add_argument("--full-ft", action="store_true", help="add the full fine-tuning baseline")
+    add_setting_options(s, SweepSpec, ("sweep", "LoRA", "model and data", "optimisation"))
     s.add_argument("--workers", type=int, default=0, help="run N runs at once in a process pool (default: in turn)")
-    _add_common(s)
+    _add_output(s)
     s.add_argument("--json", action="store_true", help="print the sweep's table as JSON")
     s.set_defaults(func=run_sweep_cli)
 
@@ -110,27 +121,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---- train ------------------------------------------------------------------------------------------
 
 class _Bar:
-    """A tqdm bar fed by the trainer's progress hook (disabled with --quiet or when stderr is no terminal)."""
+    """A tqdm bar fed by the trainer's progress hook (disabled with --quiet or when stderr is no terminal).
+    A sweep's bar counts the steps of all its runs: the latest step of each run, summed (runs may go in
+    parallel, and a process pool reports a few times a second, not every step)."""
 
     def __init__(self, quiet: bool, total: int = 0, desc: str = "") -> None:
         from tqdm import tqdm
         self.bar = tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.steps: dict[int, int] = {}
 
-    def __call__(self, step, total, loss, label=None, **_) -> None:
-        if self.bar.total != total and label is None:
+    def __call__(self, step, total, loss, label=None, run_index=0, **_) -> None:
+        if label is None and self.bar.total != total:
             self.bar.reset(total=total)
-        self.bar.update(1)
+        self.steps[run_index] = step
+        self.bar.update(sum(self.steps.values()) - self.bar.n)
         self.bar.set_postfix_str(f"{label + ' · ' if label else ''}loss {loss:.4f}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _prepare(args) -> object:
-    from ..training.models import prepare_task
+def _prepare(args, config) -> object:
+    from ..training.trainer import task_for
     from tqdm import tqdm
     # delay: a cached base loads in well under a second and shows no bar at all
-    bar = tqdm(desc=f"pretraining the {args.model} base (once; cached)", disable=args.quiet, file=sys.stderr,
+    bar = tqdm(desc=f"pretraining the {config.model} base (once; cached)", disable=args.quiet, file=sys.stderr,
                leave=False, delay=0.5)
 
     def pretrain_progress(step, total, loss, **_):
@@ -138,8 +153,7 @@ def _prepare(args) -> object:
         bar.update(1)
         bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
     try:
-        return prepare_task(args.model, args.data, pretrain_steps=args.pretrain_steps, seq_len=args.seq_len,
-                            label_column=args.label_column, text_field=args.text_field, progress=pretrain_progress)
+        return task_for(config, progress=pretrain_progress)
     finally:
         bar.close()
 
@@ -149,15 +163,13 @@ def _main_metric(metrics: dict) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..training.trainer import TrainConfig, train
-    config = TrainConfig(model=args.model, method=args.method, rank=args.rank, alpha=args.alpha,
-                         dropout=args.dropout, targets=_targets(args.targets), rslora=args.rslora, init=args.init,
-                         **_common_kwargs(args))
+    from ..training import trainer
+    config = config_from_args(trainer.TrainConfig, args)
     config.validate()
-    task = _prepare(args)
+    task = _prepare(args, config)
     bar = _Bar(args.quiet)
     try:
-        result = train(config, task=task, runs_dir=args.runs_dir, progress=bar, name=args.name)
+        result = trainer.train(config, task=task, runs_dir=args.runs_dir, progress=bar, name=args.name)
     finally:
         bar.close()
     m = result.metrics
@@ -183,22 +195,15 @@ def run_train(args: argparse.Namespace) -> int:
 # ---- sweep --------------------------------------------------------------------------------------------
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
-    from ..training.sweep import LocalExecutor, ProcessExecutor, resolve_steps, run_sweep, sweep_settings
-    rslora = [False, True] if args.compare_rslora else [bool(args.rslora)]
-    targets = [_targets(t) for t in args.targets] if args.targets else [None]
-    settings = sweep_settings(model=args.model, ranks=[int(r) if r.strip().lstrip("-").isdigit() else r
-                                                       for r in args.ranks.split(",") if r.strip()],
-                              alphas=[a.strip() for a in args.alphas.split(",") if a.strip()], rslora=rslora,
-                              targets=targets, full_ft=args.full_ft, **_common_kwargs(args))
-    task = _prepare(args)
+    from ..training.config import SweepSpec
+    from ..training.sweep import LocalExecutor, ProcessExecutor, resolve_steps, run_sweep
+    settings = config_from_args(SweepSpec, args).settings()
+    task = _prepare(args, settings[0][1])
     total = sum(resolve_steps(c, task) for _, c in settings)
     bar = _Bar(args.quiet, total=total, desc=f"sweep of {len(settings)} runs")
     executor = ProcessExecutor(args.workers) if args.workers > 1 else LocalExecutor()
     try:
-        result = run_sweep(settings, runs_dir=args.runs_dir, executor=executor,
-                           task=task if isinstance(executor, LocalExecutor) else None,
-                           progress=lambda **p: bar(**p) if isinstance(executor, LocalExecutor)
-                           else bar.bar.update(p["total"]))
+        result = run_sweep(settings, runs_dir=args.runs_dir, executor=executor, task=task, progress=bar)
     finally:
         bar.close()
     frame = result.frame

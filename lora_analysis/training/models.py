@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from .data import (ByteTokenizer, ClassificationSplit, TokenSplit, cache_dir, classification_batch, corpus_text,
                    read_tabular_csv, read_text_file, sha256_text, split_classification, split_tokens,
                    token_batch, CORPORA)
+from ..store.files import atomic_save_tensors, atomic_write_text
 from .gpt import GPTConfig, TinyGPT
 
 BUILTIN_MODELS = ("mlp-digits", "tiny-gpt")
@@ -65,7 +69,9 @@ class Task:
 
     ``build_model()`` returns a fresh float32 copy of the base on the CPU each call, so runs of a sweep
     never share weights. ``kind`` is "classification" (x (B, F) → logits (B, C)) or "causal-lm"
-    (tokens (B, T) → logits (B, T, V)).
+    (tokens (B, T) → logits (B, T, V)). Which base exactly: ``base_revision`` is the hub commit hash of a
+    model loaded from the Hugging Face Hub (or its cache); ``base_sha256`` a content hash of a local model
+    folder or of a built-in pretrained base.
     """
 
     model_name: str
@@ -77,6 +83,8 @@ class Task:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     info: dict = field(default_factory=dict)
+    base_revision: str | None = None
+    base_sha256: str | None = None
 
     @property
     def default_targets(self):
@@ -221,39 +229,75 @@ def _pretrain_gpt(tokens: TokenSplit, config: GPTConfig, steps: int, seed: int,
 
 # ---- the cache of pretrained bases -----------------------------------------------------------------------
 
+def _read_cached_base(weights: Path, meta_path: Path, pretrain_config: dict, data_hash: str,
+                      build: Callable[[], nn.Module]) -> tuple[dict, dict] | None:
+    """(state, meta) of a cache entry for this config and data, or None when there is none. An entry that
+    cannot be read (a damaged file, a base that no longer fits the architecture) is reported with a
+    warning and treated as missing; any other error is a bug and propagates."""
+    if not (weights.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("config") != pretrain_config or meta.get("data_sha256") != data_hash:
+            return None
+        state = load_file(str(weights))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
+        warnings.warn(f"the cached base {weights.name} in {weights.parent} is unreadable ({exc}); pretraining it "
+                      "again", RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        build().load_state_dict(state)   # checks it still fits the architecture
+    except RuntimeError as exc:          # load_state_dict's way of saying "missing/unexpected/mis-shaped keys"
+        warnings.warn(f"the cached base {weights.name} in {weights.parent} does not fit the model ({exc}); "
+                      "pretraining it again", RuntimeWarning, stacklevel=3)
+        return None
+    return state, meta
+
+
 def _cached_base(name: str, pretrain_config: dict, data_hash: str, build: Callable[[], nn.Module],
                  pretrain: Callable[[], tuple[nn.Module, dict]]) -> tuple[dict, dict]:
     """The base state dict for (name, config, data): read from the cache when its config and data hash
-    match, else pretrained now and written (temp file + rename, so a crash never leaves half a file)."""
+    match, else pretrained now and written (weights first, then the metadata that vouches for them, each
+    atomically: a crash never leaves a half file that looks valid)."""
     key = sha256_text(name, json.dumps(pretrain_config, sort_keys=True), data_hash)[:16]
     directory = cache_dir() / "bases"
     weights, meta_path = directory / f"{name}-{key}.safetensors", directory / f"{name}-{key}.json"
-    if weights.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("config") == pretrain_config and meta.get("data_sha256") == data_hash:
-                state = load_file(str(weights))
-                build().load_state_dict(state)   # checks it still fits the architecture
-                return state, {**meta, "cache_file": str(weights), "cache_hit": True}
-        except Exception:  # a damaged cache entry is simply rebuilt
-            pass
+    cached = _read_cached_base(weights, meta_path, pretrain_config, data_hash, build)
+    if cached is not None:
+        state, meta = cached
+        return state, {**meta, "cache_file": str(weights), "cache_hit": True}
     t0 = time.perf_counter()
     model, metrics = pretrain()
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"model": name, "config": pretrain_config, "data_sha256": data_hash, "metrics": metrics,
             "seconds": round(time.perf_counter() - t0, 3), "created": time.time()}
     directory.mkdir(parents=True, exist_ok=True)
-    suffix = f".{os.getpid()}.{time.time_ns()}.tmp"
-    tmp_w, tmp_m = weights.with_name(weights.name + suffix), meta_path.with_name(meta_path.name + suffix)
-    try:
-        save_file(state, str(tmp_w))
-        tmp_m.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_w, weights)
-        os.replace(tmp_m, meta_path)
-    finally:
-        for tmp in (tmp_w, tmp_m):
-            tmp.unlink(missing_ok=True)
+    atomic_save_tensors(weights, state)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return state, {**meta, "cache_file": str(weights), "cache_hit": False}
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """A content hash of a Hugging Face model folder: its config and weight files, by name and bytes."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in
+                                                                   (".safetensors", ".bin", ".pt", ".pth")))
+    for path in files:
+        h.update(f"{path.name}|".encode())
+        with path.open("rb") as f:
+            while chunk := f.read(2**20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _from_state(build: Callable[[], nn.Module], state: dict) -> Callable[[], nn.Module]:
@@ -319,9 +363,20 @@ def load_hf_causal_lm(name_or_path: str):
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             if not tokenizer("probe text", add_special_tokens=False)["input_ids"]:
                 tokenizer = None   # a tokenizer without a vocabulary: use bytes instead
-        except Exception:  # no usable tokenizer files: the byte-level fallback (documented in prepare_task)
+        except (OSError, ValueError, KeyError, ImportError):  # no usable tokenizer: the byte-level fallback
             tokenizer = None
     return model, tokenizer
+
+
+def hub_commit(repo_id: str, model: nn.Module) -> str | None:
+    """The commit hash of the hub snapshot ``model`` was loaded from: transformers 4 keeps it on the config;
+    otherwise the local hub cache names it (``.../snapshots/<commit>/config.json``)."""
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if commit:
+        return commit
+    from huggingface_hub import try_to_load_from_cache
+    path = try_to_load_from_cache(repo_id, "config.json")
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def hf_default_targets(model: nn.Module) -> list[str] | str:
@@ -375,7 +430,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
         state, meta = _cached_base(model, cfg, source.fingerprint(), build,
                                    lambda: _pretrain_mlp(source, steps, seed))
         return Task(model, "classification", _from_state(build, state), target, data_name, DEFAULTS[model],
-                    info={"pretrain_config": cfg, "pretrain": meta, "classes": classes})
+                    info={"pretrain_config": cfg, "pretrain": meta, "classes": classes},
+                    base_sha256=state_sha256(state))
 
     if model == "tiny-gpt":
         config = TINY_GPT if seq_len is None else GPTConfig(**{**TINY_GPT.to_dict(), "block_size": seq_len})
@@ -390,7 +446,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
         state, meta = _cached_base(model, cfg, source_tokens.fingerprint(), build,
                                    lambda: _pretrain_gpt(source_tokens, config, steps, seed, progress))
         return Task(model, "causal-lm", _from_state(build, state), target, data_name, DEFAULTS[model],
-                    info={"pretrain_config": cfg, "pretrain": meta, "tokenizer": "bytes"})
+                    info={"pretrain_config": cfg, "pretrain": meta, "tokenizer": "bytes"},
+                    base_sha256=state_sha256(state))
 
     check_model_name(model)
     hf_model, tokenizer = load_hf_causal_lm(model)
@@ -419,4 +476,6 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
         return copy.deepcopy(hf_model)   # the loaded base stays untouched; each run trains its own copy
     return Task(ref, "causal-lm", make, target, data_name, defaults, base_model_name_or_path=ref,
                 task_type="CAUSAL_LM", info={"tokenizer": tok_name, "model_type": hf_model.config.model_type,
-                                             "pretrain_config": {"hf": ref}})
+                                             "pretrain_config": {"hf": ref}},
+                base_revision=None if local.is_dir() else hub_commit(model, hf_model),
+                base_sha256=folder_sha256(local.resolve()) if local.is_dir() else None)

@@ -56,7 +56,7 @@ def restore_run(run: runstore.Run | str, task: Task | None = None) -> RestoredRu
     if run.method == "lora":
         load_adapter(model, run.dir / runstore.ADAPTER_DIR)
     elif (run.dir / runstore.FULL_MODEL).is_file():
-        state = runstore._read_tensors(run.dir / runstore.FULL_MODEL)
+        state = runstore.read_tensors(run.dir / runstore.FULL_MODEL)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
