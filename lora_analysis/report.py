@@ -10,7 +10,6 @@ import html
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
+
+from .store.files import atomic_write_text
 
 CSS = """
 body { font-family: Inter, Helvetica, Arial, sans-serif; margin: 0; color: #222; background: #fafafa; }
@@ -38,12 +39,13 @@ pre { background: #f6f8fa; padding: 12px; overflow-x: auto; font-size: 12px; }
 
 @dataclass
 class Section:
-    """One block of the report: a title, prose, figures and tables, in that order."""
+    """One block of the report: a title, prose, figures, tables and a code listing, in that order."""
 
     title: str
     text: str = ""
     figures: list[go.Figure] = field(default_factory=list)
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    code: str = ""
 
 
 def environment() -> dict:
@@ -73,6 +75,8 @@ def render_report(title: str, sections: list[Section], configs: dict | None = No
             blocks.append(pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"fig-{i}-{j}",
                                       config={"displaylogo": False, "responsive": True}))
         blocks.extend(_table_html(caption, frame) for caption, frame in section.tables)
+        if section.code:
+            blocks.append(f"<pre>{html.escape(section.code)}</pre>")
         parts.append(f"<section>{''.join(blocks)}</section>")
     meta = {"environment": environment(), **({"configs": configs} if configs else {})}
     parts.append("<section><h2>Configuration and environment</h2><pre>"
@@ -85,13 +89,8 @@ def render_report(title: str, sections: list[Section], configs: dict | None = No
 
 def write_report(path: str | os.PathLike, title: str, sections: list[Section], configs: dict | None = None,
                  subtitle: str = "") -> Path:
-    """Render and write atomically (temporary file, then rename)."""
+    """Render and write atomically with the project's one writer; readable by all (a report is shared)."""
     path = Path(path)
     text = render_report(title, sections, configs, subtitle)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text, mode=0o644)

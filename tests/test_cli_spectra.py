@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_analysis import apply_lora, save_adapter
@@ -64,13 +64,33 @@ def test_spectra_json_matches_direct_svd(tmp_path, capsys):
 
 
 def test_spectra_with_base_includes_amplification_and_intruders(tmp_path, capsys):
-    _, path = _make(tmp_path, "ad")
+    model, path = _make(tmp_path, "ad")
     assert main(["spectra", str(path), "--base", str(tmp_path / "base.safetensors"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["skipped"] == {} and len(out["amplification"]) == 4
-    assert out["amplification"][0]["amplification"] > 0
-    assert out["intruders"]["k"] == 10 and out["intruders"]["total"] == sum(
-        m["intruders"] for m in out["intruders"]["modules"])
+    intr = out["intruders"]
+    assert intr["k"] == 10 and intr["epsilon"] == 0.5
+    base = load_file(str(tmp_path / "base.safetensors"))
+    for name in ("blocks.0.q_proj", "blocks.1.up"):
+        layer = model.get_submodule(name)
+        w0 = base[f"{name}.weight"].double()
+        delta = layer.delta_weight().detach().double()
+        # amplification: ‖ΔW‖_F / ‖Uᵀ W0 V‖_F with U, V ΔW's top-r (r=4) singular vectors
+        u, s, vh = torch.linalg.svd(delta)
+        amp = next(m for m in out["amplification"] if m["name"] == name)
+        want = float(torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(u[:, :4].T @ w0 @ vh[:4].T))
+        assert amp["r"] == 4 and amp["amplification"] == pytest.approx(want, rel=1e-6)
+        # intruders: top-10 left singular vectors of W0 + ΔW with max |cos| < 0.5 against all of W0's
+        u_ft = torch.linalg.svd(w0 + delta, full_matrices=False).U[:, :10]
+        cos = (u_ft.T @ torch.linalg.svd(w0, full_matrices=False).U).abs().max(dim=1).values
+        mod = next(m for m in intr["modules"] if m["name"] == name)
+        assert mod["intruder_indices"] == [i for i in range(len(cos)) if cos[i] < 0.5]
+        assert mod["min_max_cos"] == pytest.approx(float(cos.min()), rel=1e-6)
+    assert intr["total"] == sum(len(m["intruder_indices"]) for m in intr["modules"])
+    assert main(["spectra", str(path), "--base", str(tmp_path / "base.safetensors"), "--json", "--k", "3",
+                 "--epsilon", "0.9"]) == 0
+    out = json.loads(capsys.readouterr().out)["intruders"]
+    assert out["k"] == 3 and out["epsilon"] == 0.9 and {m["k"] for m in out["modules"]} == {3}
 
 
 def test_spectra_table_and_html(tmp_path, capsys):
@@ -81,7 +101,9 @@ def test_spectra_table_and_html(tmp_path, capsys):
     assert "blocks.0.q_proj" in text and "effective_rank" in text and "Amplification" in text
     html = report.read_text()
     assert html.count("<script type='text/javascript'>") == 1      # plotly.js inlined once
-    assert "<script src=" not in html and html.count("Plotly.newPlot") >= 4   # nothing fetched
+    assert "<script src=" not in html      # nothing fetched
+    # the registry's spectra (3 figures), amplification (2) and intruders (1) entries, at their defaults
+    assert html.count("Plotly.newPlot") == 6 and "Parameters: k=10, epsilon=0.5." in html
     assert not list(tmp_path.glob(".report.html.*"))
     assert main(["spectra", str(path)]) == 0
     assert "skipped" in capsys.readouterr().out
@@ -89,10 +111,12 @@ def test_spectra_table_and_html(tmp_path, capsys):
 
 def test_spectra_bad_inputs_are_one_line_errors(tmp_path, capsys):
     _, path = _make(tmp_path, "ad")
-    save_file({"blocks.0.q_proj.weight": torch.zeros(16, 15)}, str(tmp_path / "bad.safetensors"))
+    # every module's W0 present, one of them of the wrong shape: the error names that module
+    bad = {f"blocks.{i}.{m}.weight": torch.zeros(*s) for i in (0, 1) for m, s in (("q_proj", (16, 16)), ("up", (24, 16)))}
+    save_file({**bad, "blocks.0.q_proj.weight": torch.zeros(16, 15)}, str(tmp_path / "bad.safetensors"))
     assert main(["spectra", str(path), "--base", str(tmp_path / "bad.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "blocks.0.q_proj" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "'blocks.0.q_proj' has shape (16, 15)" in err and err.count("\n") == 1
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
     assert main(["spectra", str(path)]) == 2
     assert "adapter_model.bin" in capsys.readouterr().err
@@ -149,4 +173,9 @@ def test_a_runs_adapter_with_the_runs_base_weights(lora_home, capsys):
     assert main(["spectra", str(adapter), "--base", str(base), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {m["name"] for m in out["amplification"]} == {"fc1", "fc2", "fc3"}
-    assert all(m["amplification"] > 0 for m in out["amplification"])
+    from lora_analysis import runstore
+    from lora_analysis.analysis.amplification import amplification_frame
+
+    stored = amplification_frame(runstore.load_updates(runstore.load_run(result.run_id))).set_index("name")
+    for m in out["amplification"]:    # the run's own W0, read through the adapter folder and --base
+        assert m["amplification"] == pytest.approx(float(stored.loc[m["name"], "amplification"]), rel=1e-6)

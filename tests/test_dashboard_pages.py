@@ -21,6 +21,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from lora_analysis import jobs, runstore
+from lora_analysis.analysis import registry
 from lora_analysis.analysis.spectra import spectra_frame
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -357,15 +358,23 @@ def test_spectra_compares_lora_ranks_with_full_ft(demo):
         label_of(at, "spectra_runs", f"{n} ·", "multiselect") for n in runs)
     sweep = chart(at, "Spectra across ranks")
     assert [t.split(" · ")[0] for t in traces(sweep)] == ["LoRA r=1 α=16", "LoRA r=4 α=16", "full FT"]
-    full = spectra_frame(runstore.load_updates(runs["full FT"])).set_index("name")
-    assert at.selectbox(key="spectra_module").value == "fc1"
-    assert f"needs **{int(full.loc['fc1', 'rank_90'])}** directions" in texts(at.info)
+    spectra = {n: spectra_frame(runstore.load_updates(r)).set_index("name") for n, r in runs.items()}
+    full = spectra["full FT"]
+    # the default module is where some run's ΔW is largest
+    largest = max(["fc1", "fc2", "fc3"], key=lambda m: max(s.loc[m, "fro_norm"] for s in spectra.values()))
+    assert at.selectbox(key="spectra_module").value == largest
+    assert f"needs {int(full.loc[largest, 'rank_90'])} directions" in texts(at.info)
     assert "[1, 4]" in texts(at.info)
+    # the σ's drawn are the library's, normalised by σ₁
+    (drawn,) = [d for d in sweep["data"] if d["name"].startswith("full FT")]
+    s = full.loc[largest, "singular_values"]
+    assert values(drawn["y"])[:5] == pytest.approx([v / s[0] for v in s[:5]], rel=1e-6)
 
-    at.selectbox(key="spectra_module").set_value("fc3").run()
+    other = next(m for m in ("fc3", "fc1") if m != largest)
+    at.selectbox(key="spectra_module").set_value(other).run()
     clean(at)
-    assert f"needs **{int(full.loc['fc3', 'rank_90'])}** directions" in texts(at.info)
-    assert "`fc3`" in texts(at.info)
+    assert f"needs {int(full.loc[other, 'rank_90'])} directions" in texts(at.info)
+    assert f"in {other};" in texts(at.info)
     assert chart(at, "Spectra across ranks")["data"] != sweep["data"]
 
 
@@ -529,13 +538,18 @@ def test_rank_alpha_model_choice_switches_runs_and_metrics(demo):
 # ---- subspaces ------------------------------------------------------------------------------------------
 
 def test_subspaces_defaults_compare_two_runs_of_one_model(demo):
+    from lora_analysis.analysis.similarity import adapter_similarity
+
     at = clean(open_page("subspaces"))     # the store holds two models: the default pair must share modules
     assert at.selectbox(key="sub_a").value.startswith("LoRA r=4")
     assert at.selectbox(key="sub_b").value.startswith("LoRA r=1")
-    assert at.selectbox(key="sub_side").value.startswith("A matrices")
+    assert at.selectbox(key="sub_side").value == "A"
     summary = frame_with(at, "phi_top1")
     assert list(summary["name"]) == ["fc1", "fc2", "fc3"] and set(summary["side"]) == {"A"}
-    assert ((summary["phi_top1"] >= 0) & (summary["phi_top1"] <= 1 + 1e-6)).all()
+    runs = runs_by_name("mlp-digits")
+    expected = adapter_similarity(runstore.load_updates(runs["LoRA r=4 α=16"]),
+                                  runstore.load_updates(runs["LoRA r=1 α=16"]), "A")
+    assert list(summary["phi_top1"]) == pytest.approx([expected[m].phi[0, 0] for m in ("fc1", "fc2", "fc3")])
     assert "d = 64" in title(chart(at, "Subspace similarity"))          # fc1 reads 64 inputs
 
     at.selectbox(key="sub_module").set_value("fc2").run()
@@ -547,8 +561,8 @@ def test_subspaces_full_ft_run_drops_the_a_matrix_side(demo):
     at.selectbox(key="sub_a").set_value(label_of(at, "sub_a", "full FT")).run()
     clean(at)
     side = at.selectbox(key="sub_side")
-    assert not any(o.startswith("A matrices") for o in side.options)
-    assert set(frame_with(at, "phi_top1")["side"]) == {"input" if "(V)" in side.value else "output"}
+    assert side.options == ["ΔW input directions (V)", "ΔW output directions (U)"] and side.value == "input"
+    assert set(frame_with(at, "phi_top1")["side"]) == {"input"}
 
 
 def test_subspaces_runs_of_different_models_show_an_error_not_a_crash(demo):
@@ -572,7 +586,11 @@ def test_subspaces_base_run_and_intruder_k_change_what_is_shown(demo):
     at.slider(key="intr_k").set_value(3).run()
     table = frame_with(clean(at), "label")
     assert list(table.columns) == ["label", "intruders at ε=0.5, k=3"]
-    assert len(table) == 3 and (table.iloc[:, 1] <= 3 * 3).all()     # at most k per module, 3 modules
+    # the counts are the library's, per run, at k=3 and ε=0.5
+    from lora_analysis.analysis.intruders import intruders_frame
+    expected = {registry.run_label(r): int(intruders_frame(runstore.load_updates(r), 3, 0.5)["intruders"].sum())
+                for r in runstore.latest_sweep(runstore.list_runs())}
+    assert dict(zip(table["label"], table.iloc[:, 1])) == expected
 
 
 # ---- merge ------------------------------------------------------------------------------------------------
@@ -609,16 +627,19 @@ def test_merge_reference_and_run_choice_change_what_is_shown(demo):
 def test_reports_builds_a_report_of_the_chosen_runs(demo):
     at = clean(open_page("reports"))
     assert len(at.multiselect(key="rep_runs").value) == 3        # the newest sweep
+    assert at.multiselect(key="rep_parts").value == registry.ANALYSES.names()     # every analysis by default
     at.multiselect(key="rep_parts").set_value([]).run()
     assert "Choose at least one run and one analysis." in texts(clean(at).warning)
     assert "rep_build" not in [b.key for b in at.button]
-    at.multiselect(key="rep_parts").set_value(["training"]).run()
+    at.multiselect(key="rep_parts").set_value(["loss_curves"]).run()
     at.multiselect(key="rep_runs").set_value([label_of(at, "rep_runs", "r=4", "multiselect")]).run()
     at.button(key="rep_build").click().run()
     clean(at)
     assert texts(at.success).startswith("Report ready")
     assert "rep_dl" in [b.key for b in at.get("download_button")]
-    assert "<html" in at.session_state["rep_html"].lower() and "LoRA r=4 α=16" in at.session_state["rep_html"]
+    html = at.session_state["rep_html"]
+    assert "<html" in html.lower() and "LoRA r=4 α=16" in html
+    assert "<h2>Training runs</h2>" in html and "<h2>Singular spectra of ΔW" not in html
 
 
 def test_reports_export_follows_the_chosen_run(demo):
@@ -696,3 +717,90 @@ def test_reports_broken_bundle_shows_an_error_and_loses_nothing(demo_copy, case)
     assert tempfile.gettempdir() not in errs[0], "the message names a private temp path instead of the upload"
     assert sorted(p.name for p in (demo_copy / "runs").iterdir()) == before   # no run and no leftover staging
     assert "rep_imported" not in at.session_state
+
+
+# ---- the report shows what the pages show ---------------------------------------------------------------------
+
+# the runs each analysis's page shows by default: the newest sweep, or every completed run
+PAGE_RUNS = {"loss_curves": "sweep", "rank_alpha": "all", "spectra_sweep": "sweep", "spectra": "sweep",
+             "rank_advice": "sweep", "similarity": "all", "base_overlap": "all", "amplification": "all",
+             "intruders": "sweep", "merge": "all"}
+TIMED = ("Forward latency",)      # timings differ between two measurements: compared without their values
+
+
+def _report_section(entry, runs, params):
+    from lora_analysis.run_report import report_sections
+
+    sections = report_sections(runs, [entry.name])
+    if entry.each and len(sections) > 1:       # one section per choice: the one the page opens on
+        sections = [s for s in sections if s.title == f"{entry.title}: {params[entry.each]}"]
+    (section,) = sections
+    return section
+
+
+def test_every_analysis_has_a_page_and_a_place_in_this_test():
+    pages = {p.stem for p in (Path(APP).parent / "views").glob("*.py")}
+    assert {a.page for a in registry.ANALYSES} <= pages
+    assert set(PAGE_RUNS) == set(registry.ANALYSES.names())
+
+
+@pytest.mark.parametrize("name", list(PAGE_RUNS))
+def test_the_report_shows_what_the_page_shows(demo, name):
+    entry = registry.get(name)
+    done = [r for r in runstore.list_runs() if r.status == "completed"]
+    runs = runstore.latest_sweep(done) if PAGE_RUNS[name] == "sweep" else done
+    params = entry.resolve(registry.Inputs.from_runs(runs))
+    at = clean(open_page(entry.page))
+    if f"params:{name}" in at.session_state:      # pages built on the registry record what they computed with
+        assert at.session_state[f"params:{name}"] == params
+    section = _report_section(entry, runs, params)
+    shown = {title(s): s for s in specs(at)}
+    for fig in section.figures:
+        spec = json.loads(fig.to_json())
+        assert title(spec) in shown, (title(spec), list(shown))
+        page = shown[title(spec)]
+        if title(spec).startswith(TIMED):
+            assert [(d["name"], d["x"]) for d in page["data"]] == [(d["name"], d["x"]) for d in spec["data"]]
+        else:
+            assert page["data"] == spec["data"] and page["layout"] == spec["layout"], title(spec)
+    if not section.figures:                      # a table-only analysis (rank advice): its table and code
+        (caption, table), = section.tables
+        (page,) = [d.value for d in at.dataframe if list(d.value.columns) == list(table.columns)]
+        assert page.to_dict("list") == table.to_dict("list")
+        assert section.code.strip() in [c.value.strip() for c in at.code]
+
+
+def test_runs_without_base_weights_skip_the_w0_analyses_with_a_message(demo, monkeypatch):
+    """A LoRA run stored without W0 loads with w0=None: spectra and φ still show, the analyses that compare
+    with W0 leave it out and say why."""
+    import dataclasses
+
+    import streamlit as st
+
+    load = runstore.load_updates
+
+    def without_w0(run, *args, **kwargs):
+        return {n: dataclasses.replace(u, w0=None) if u.kind == "lora" else u
+                for n, u in load(run, *args, **kwargs).items()}
+
+    monkeypatch.setattr(runstore, "load_updates", without_w0)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    try:
+        at = clean(open_page("subspaces"))
+        full = label_of(at, "base_run", "full FT")
+        assert at.selectbox(key="base_run").options == [full]
+        lora = sorted(registry.run_label(r) for r in runstore.latest_sweep(runstore.list_runs()) if r.method == "lora")
+        assert f"Skipped (no base weights W0): {', '.join(sorted(lora, reverse=True))}." in texts(at.caption) or \
+            f"Skipped (no base weights W0): {', '.join(lora)}." in texts(at.caption)
+        assert frame_with(at, "phi_top1") is not None           # φ needs no W0
+        clean(open_page("spectra"))
+    finally:
+        st.cache_resource.clear()
+        st.cache_data.clear()
+
+
+def test_home_lists_every_registered_analysis(empty):
+    at = clean(open_page("home"))
+    listed = at.expander[0].markdown[0].value
+    assert all(f"**{a.title}**: {a.question}" in listed for a in registry.ANALYSES)

@@ -66,11 +66,13 @@ def test_switching_preset_uses_that_models_defaults(app):
 def test_a_runs_model_counts_like_the_trainer(lora_home):
     from lora_analysis.training import TrainConfig, train
 
-    result = train(TrainConfig(model="mlp-digits", rank=8, alpha=8, steps=3, pretrain_steps=30))
+    result = train(TrainConfig(model="mlp-digits", rank=4, alpha=8, steps=3, pretrain_steps=30))
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     at.switch_page("views/params.py").run()
     at.radio(key="params_mode").set_value("A run's model").run()
     assert not at.exception and not at.error
-    # all-linear on 64-128-256-10 at r=8, the 10-way head capped at rank 8 ≤ 10: what the run trained
+    # the page opens on the run's rank (4, not the usual 8): all-linear on 64-128-256-10, what the run trained
+    assert at.select_slider(key=f"params_rank:run:{result.run_dir.name}").value == 4
     assert metrics(at)["Trainable (LoRA)"] == f"{result.metrics['trainable_params']:,}"
+    assert result.metrics["trainable_params"] == 4 * (64 + 128) + 4 * (128 + 256) + 4 * (256 + 10)

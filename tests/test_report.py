@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -32,3 +34,22 @@ def test_write_is_atomic(tmp_path):
     path = write_report(tmp_path / "out" / "r.html", "t", sections())
     assert path.read_text().startswith("<!DOCTYPE html>")
     assert [p.name for p in path.parent.iterdir()] == ["r.html"]
+    assert path.stat().st_mode & 0o777 == 0o644          # shared, not private like a temp file
+
+
+def test_a_failed_write_leaves_no_temp_file_and_keeps_the_old_report(tmp_path, monkeypatch):
+    """Defect 12: the report goes through the one atomic writer; a write that fails (text that cannot be
+    encoded, a rename the filesystem refuses) leaves neither a temporary file nor a damaged report."""
+    path = write_report(tmp_path / "r.html", "old", sections())
+    old = path.read_text()
+    with pytest.raises(UnicodeEncodeError):
+        write_report(path, "a lone surrogate \ud800 cannot be written as UTF-8", sections())
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"] and path.read_text() == old
+
+    def refuse(src, dst):
+        raise OSError("the disk is full")
+
+    monkeypatch.setattr("os.replace", refuse)
+    with pytest.raises(OSError, match="the disk is full"):
+        write_report(path, "new", sections())
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"] and path.read_text() == old

@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard.common import chart, guarded
 from dashboard.jobs_ui import job_panel
 from lora_analysis import jobs
+from lora_analysis.analysis.registry import ANALYSES
 from lora_analysis.plots.params import plot_lora_diagram
 
 QUICK_DEMO = {"model": "mlp-digits", "ranks": [1, 2, 4, 8, 16], "alphas": [16.0], "full_ft": True, "seed": 0}
@@ -34,6 +35,9 @@ def page() -> None:
     job_id = st.session_state.get("home_job")
     if job_id:
         job_panel(job_id)
+
+    with st.expander("What each analysis answers (the pages and the HTML report show the same)"):
+        st.markdown("\n".join(f"- **{a.title}**: {a.question}" for a in ANALYSES))
 
 
 page()

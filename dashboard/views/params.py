@@ -51,7 +51,7 @@ def page() -> None:
     if mode == "One matrix":
         return matrix_mode()
 
-    source, config_json = "", ""
+    source, config_json, run_rank = "", "", None
     if mode == "Preset architecture":
         source = st.selectbox("Architecture", sorted(P.PRESETS), index=sorted(P.PRESETS).index("llama-2-7b"),
                               key="params_preset")
@@ -64,6 +64,7 @@ def page() -> None:
         run = runs[st.selectbox("Run", list(runs), key="params_run")]
         source = RUN_PREFIX + str(run.dir)
         targets = run.config.get("targets")
+        run_rank = int(run.config["rank"]) if run.method == "lora" and run.config.get("rank") else None
         default_targets = None if targets in (None, "all-linear") or isinstance(targets, str) else list(targets)
     else:
         upload = st.file_uploader("config.json of any Hugging Face model", type=["json"], key="params_config")
@@ -89,16 +90,20 @@ def page() -> None:
         f"config:{hashlib.sha1(config_json.encode()).hexdigest()[:12]}"
     targets = col1.multiselect("Target modules", names, default=defaults or names[:1],
                                key=f"params_targets:{widget}")
-    ranks = col2.multiselect("Ranks", RANKS, default=[1, 2, 4, 8, 16, 32, 64], key="params_ranks")
+    # a run's model opens on the run's own rank: the count then is the one the run trained
+    extra = {run_rank} if run_rank else set()
+    own = f":{widget}" if run_rank else ""
+    ranks = col2.multiselect("Ranks", sorted(set(RANKS) | extra), default=sorted({1, 2, 4, 8, 16, 32, 64} | extra),
+                             key=f"params_ranks{own}")
     dtype = col3.selectbox("Training dtype", ["bfloat16", "float16", "float32"], key="params_dtype")
     if not targets or not ranks:
         st.warning("Choose at least one target module and one rank.")
         return
     with guarded("counting parameters"):
         table = cached_rank_table(source, config_json, tuple(targets), tuple(sorted(ranks)), dtype)
-        chosen = st.select_slider("Rank for the details below", options=list(table["rank"]),
-                                  value=8 if 8 in list(table["rank"]) else int(table["rank"].iloc[0]),
-                                  key="params_rank")
+        focus = next((r for r in (run_rank, 8) if r in list(table["rank"])), int(table["rank"].iloc[0]))
+        chosen = st.select_slider("Rank for the details below", options=list(table["rank"]), value=focus,
+                                  key=f"params_rank{own}")
         row = table.set_index("rank").loc[chosen]
         c = st.columns([1, 1.3, 0.9, 0.9])
         c[0].metric("Trainable (LoRA)", f"{int(row.trainable_params):,}")

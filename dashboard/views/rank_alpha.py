@@ -1,16 +1,17 @@
 """Rank & alpha effects: final metric versus rank and alpha, α/r versus α/√r, the size of ΔW versus
-alpha, and the efficiency frontier (trainable parameters versus metric)."""
+alpha, and the efficiency frontier (trainable parameters versus metric): the registered analysis rank_alpha,
+which the report shows the same way."""
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
+from dashboard.analyses import inputs_for, result, widget
 from dashboard.common import chart, guarded
 from dashboard.jobs_ui import job_panel
-from dashboard.runs import all_runs, completed, empty_store_message, spectra_for
-from lora_analysis import jobs, runstore
-from lora_analysis.plots.training import (plot_cost_comparison, plot_efficiency_frontier, plot_metric_vs_alpha,
-                                          plot_metric_vs_rank, plot_update_norm)
+from dashboard.runs import all_runs, completed, empty_store_message
+from lora_analysis import jobs
+from lora_analysis.analysis import registry
+
+RANK_ALPHA = registry.get("rank_alpha")
 
 # Studies a user can add in one click (on mlp-digits, seconds each on a CPU).
 STUDIES = {
@@ -19,24 +20,6 @@ STUDIES = {
     "α/r versus α/√r (rsLoRA) at r = 2…64": {"model": "mlp-digits", "ranks": [2, 8, 32, 64], "alphas": [16.0],
                                              "rslora": [False, True], "full_ft": False},
 }
-METRICS = ["val_accuracy", "val_perplexity", "val_loss"]
-
-
-def delta_norms(runs: list[runstore.Run]) -> pd.DataFrame:
-    """‖ΔW‖_F over the modules LoRA adapted (full fine-tuning's norm over the same modules, so the
-    dashed line compares like with like)."""
-    lora_modules = set().union(*(set(spectra_for(r)["name"]) for r in runs if r.method == "lora"))
-    rows = []
-    for run in runs:
-        spectra = spectra_for(run)
-        if run.method == "full" and lora_modules:
-            spectra = spectra[spectra["name"].isin(lora_modules)]
-        rows.append({"id": run.id, "name": run.name, "method": run.method, "status": run.status,
-                     "rank": run.config.get("rank") if run.method == "lora" else None,
-                     "alpha": run.config.get("alpha") if run.method == "lora" else None,
-                     "rslora": run.config.get("rslora"),
-                     "delta_norm": float(np.sqrt(np.sum(np.square(spectra["fro_norm"]))))})
-    return pd.DataFrame(rows)
 
 
 def page() -> None:
@@ -55,46 +38,27 @@ def page() -> None:
     if not runs:
         empty_store_message()
         return
-    frame = runstore.runs_frame(runs=runs)
-    models = list(dict.fromkeys(frame["model"]))
-    c = st.columns(2)
-    model = c[0].selectbox("Model", models, key="ra_model")
-    chosen_runs = [r for r in runs if r.model == model]
-    # runs of different data, steps or seed do not belong on one line: offer one set at a time
-    # (learning rates differ by method on purpose: LoRA takes a larger one)
-    settings = {}
-    for r in chosen_runs:
-        key = (r.config.get("data"), r.config.get("steps"), r.config.get("seed"))
-        settings.setdefault(key, []).append(r)
-    if len(settings) > 1:
-        labels = {f"data={k[0] or 'default'}, steps={k[1]}, seed={k[2]} ({len(v)} runs)": v
-                  for k, v in settings.items()}
-        chosen_runs = labels[st.selectbox("Runs with the same data and optimisation settings", list(labels),
-                                          key="ra_settings")]
-    frame = frame[frame["id"].isin({r.id for r in chosen_runs})]
-    metrics = [m for m in METRICS if m in frame.columns and frame[m].notna().any()]
-    metric = c[1].selectbox("Metric", metrics, key="ra_metric")
-
+    inputs = inputs_for(runs)
     with guarded("drawing rank and alpha effects"):
-        left, right = st.columns(2)
-        with left:
-            chart(plot_metric_vs_rank(frame, metric), key="ra_rank")
-        with right:
-            chart(plot_metric_vs_alpha(frame, metric), key="ra_alpha")
-        norms = delta_norms(chosen_runs)
-        left, right = st.columns(2)
-        with left:
-            chart(plot_update_norm(norms, "alpha"), key="ra_norm_alpha")
-        with right:
-            chart(plot_update_norm(norms, "rank", title="Size of the learned update versus rank"), key="ra_norm_rank")
-        left, right = st.columns(2)
-        with left:
-            chart(plot_efficiency_frontier(frame, metric), key="ra_frontier")
-        with right:
-            chart(plot_cost_comparison(frame), key="ra_cost")
-        if frame["rslora"].nunique() < 2:
-            st.caption("α/r versus α/√r: the rank chart draws one line per scaling once the store holds both; "
-                       "run the rsLoRA study above.")
+        params = {}
+        c = st.columns(2)
+        widget(RANK_ALPHA, "model", inputs, params, "ra_model", container=c[0])
+        # runs of different data, steps or seed do not belong on one line: one set at a time
+        # (learning rates differ by method on purpose: LoRA takes a larger one)
+        settings = RANK_ALPHA.options("setting", inputs, params)
+        if len(settings) > 1:
+            widget(RANK_ALPHA, "setting", inputs, params, "ra_settings")
+        else:
+            params["setting"] = settings[0]
+        widget(RANK_ALPHA, "metric", inputs, params, "ra_metric", container=c[1])
+        res = result(RANK_ALPHA, inputs, params)
+        keys = ["ra_rank", "ra_alpha", "ra_norm_alpha", "ra_norm_rank", "ra_frontier", "ra_cost"]
+        for i in range(0, len(res.figures), 2):
+            for column, fig, key in zip(st.columns(2), res.figures[i:i + 2], keys[i:i + 2]):
+                with column:
+                    chart(fig, key=key)
+        if res.text:
+            st.caption(res.text)
 
 
 page()

@@ -1,4 +1,4 @@
-"""Reports: a self-contained HTML report of chosen runs and analyses; run bundles out and in."""
+"""Reports: a self-contained HTML report of chosen runs and registered analyses; run bundles out and in."""
 
 import tempfile
 from pathlib import Path
@@ -7,15 +7,18 @@ import streamlit as st
 
 from dashboard.common import MAX_UPLOAD_BYTES, guarded
 from dashboard.runs import all_runs, clear_caches, completed, latest_sweep, run_label, stamp
+from dashboard.analyses import inputs_for, inputs_key
 from lora_analysis import runstore
+from lora_analysis.analysis.registry import ANALYSES
 from lora_analysis.report import render_report
-from lora_analysis.run_report import PARTS, report_sections, run_configs
+from lora_analysis.run_report import report_sections, run_configs
 
 
 @st.cache_data(max_entries=8, show_spinner="Building the report…")
 def build_report(_runs, key: tuple, parts: tuple[str, ...]) -> str:
-    return render_report("lora-analysis report", report_sections(_runs, parts), configs=run_configs(_runs),
-                         subtitle=f"{len(_runs)} runs: " + ", ".join(r.name for r in _runs))
+    # the page caches' loaders: what the other pages already computed is reused
+    return render_report("lora-analysis report", report_sections(inputs_for(_runs), parts),
+                         configs=run_configs(_runs), subtitle=f"{len(_runs)} runs: " + ", ".join(r.name for r in _runs))
 
 
 def report_section(runs) -> None:
@@ -25,14 +28,16 @@ def report_section(runs) -> None:
     labels = {run_label(r): r for r in runs}
     chosen = st.multiselect("Runs", list(labels), default=[run_label(r) for r in latest_sweep(runs)],
                             key="rep_runs")
-    parts = st.multiselect("Analyses", list(PARTS), default=list(PARTS), key="rep_parts")
+    titles = {a.name: a.title for a in ANALYSES}
+    parts = st.multiselect("Analyses (each as its page shows it, at the same defaults)", list(titles),
+                           default=list(titles), format_func=titles.get, key="rep_parts")
     if not chosen or not parts:
         st.warning("Choose at least one run and one analysis.")
         return
     if st.button("Build the report", type="primary", key="rep_build", icon=":material/description:"):
         selected = [labels[k] for k in chosen]
         with guarded("building the report"):
-            st.session_state["rep_html"] = build_report(selected, tuple((r.id, stamp(r)) for r in selected), tuple(parts))
+            st.session_state["rep_html"] = build_report(selected, inputs_key(inputs_for(selected)), tuple(parts))
     html = st.session_state.get("rep_html")
     if html:
         st.success(f"Report ready: {len(html) / 2**20:.1f} MiB.")

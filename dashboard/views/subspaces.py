@@ -1,67 +1,44 @@
-"""Subspaces: φ heatmaps (rank vs rank, seed vs seed, LoRA vs full FT, ΔW vs W0), the amplification
-table, and intruder dimensions versus ε for LoRA and full fine-tuning."""
+"""Subspaces: φ heatmaps (rank vs rank, seed vs seed, LoRA vs full FT), ΔW versus W0, the amplification table,
+and intruder dimensions versus ε for LoRA and full fine-tuning (registered analyses similarity, base_overlap,
+amplification and intruders: the report shows the same)."""
 
-import pandas as pd
 import streamlit as st
 
+from dashboard.analyses import inputs_for, result, show, widget
 from dashboard.common import chart, guarded
 from dashboard.jobs_ui import job_panel
-from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label, stamp, updates_for
+from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label
 from lora_analysis import jobs
-from lora_analysis.analysis.amplification import amplification_frame
-from lora_analysis.analysis.intruders import intruder_sweep
-from lora_analysis.analysis.similarity import adapter_similarity, base_overlap, similarity_summary_frame
-from lora_analysis.plots.analysis import (plot_amplification, plot_amplification_table, plot_base_overlap,
-                                          plot_intruders_vs_epsilon, plot_similarity_heatmap)
+from lora_analysis.analysis import registry
 
-SIDES = {"A matrices (paper, §7.2)": "A", "ΔW input directions (V)": "input", "ΔW output directions (U)": "output"}
-EPSILONS = [round(0.05 * i, 2) for i in range(1, 20)]
-
-
-@st.cache_data(max_entries=32, show_spinner="Computing subspace similarity…")
-def similarity(_runs, key: tuple, side: str):
-    u1, u2 = (updates_for(r) for r in _runs)
-    results = adapter_similarity(u1, u2, side)
-    return {n: (r.phi, r.d) for n, r in results.items()}, similarity_summary_frame(results)
-
-
-@st.cache_data(max_entries=32, show_spinner="Counting intruder dimensions…")
-def intruders(_runs, key: tuple, k: int) -> pd.DataFrame:
-    return pd.concat([intruder_sweep(updates_for(r), EPSILONS, (k,), label=run_label(r)) for r in _runs],
-                     ignore_index=True)
+SIMILARITY, BASE, AMPLIFICATION, INTRUDERS = (registry.get(n) for n in
+                                               ("similarity", "base_overlap", "amplification", "intruders"))
 
 
 def similarity_section(runs) -> None:
-    st.subheader("Subspace similarity φ")
-    st.caption("φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j): 1 when the top-i directions of one update lie in "
-               "the top-j of the other, about max(i, j)/d for random subspaces (Hu et al. 2021, Eq. 4).")
+    st.subheader(SIMILARITY.title)
+    st.caption(SIMILARITY.question)
+    if len(runs) < 2:
+        st.info("φ compares two runs: add a second run.")
+        return
+    inputs = inputs_for(runs)
     labels = {run_label(r): r for r in runs}
-    names = list(labels)
-    lora = [n for n in names if labels[n].method == "lora"]
-    by_rank = sorted(lora, key=lambda n: labels[n].config.get("rank") or 0)
-    c = st.columns(3)
-    first = c[0].selectbox("First run", names, index=names.index(by_rank[-1]) if by_rank else 0, key="sub_a")
-    # the paper compares r=8 with r=64: default to the two highest ranks of the first run's model
-    # (runs of different models share no module, so such a default pair would open on an error)
-    same_model = [n for n in names if n != first and labels[n].model == labels[first].model]
-    second_default = next((n for n in reversed(by_rank) if n in same_model), None) or \
-        (same_model or [n for n in names if n != first] or [first])[0]
-    second = c[1].selectbox("Second run", names, index=names.index(second_default), key="sub_b")
-    both_lora = labels[first].method == "lora" and labels[second].method == "lora"
-    sides = list(SIDES) if both_lora else list(SIDES)[1:]
-    side = SIDES[c[2].selectbox("Directions", sides, key="sub_side")]
+    lora = [n for n in labels if labels[n].method == "lora"]
     with guarded("comparing the two runs") as g:
-        pair = [labels[first], labels[second]]
-        phis, summary = similarity(pair, tuple((r.id, stamp(r)) for r in pair), side)
+        params = {}
+        c = st.columns(3)
+        first = widget(SIMILARITY, "first", inputs, params, "sub_a", container=c[0])
+        widget(SIMILARITY, "second", inputs, params, "sub_b", container=c[1])
+        widget(SIMILARITY, "side", inputs, params, "sub_side", container=c[2])
+        widget(SIMILARITY, "module", inputs, params, "sub_module")
+        res = result(SIMILARITY, inputs, params)
+        left, right = st.columns([3, 2])
+        with left:
+            chart(res.figures[0], key="sub_phi")
+        with right:
+            st.dataframe(res.tables[0][1], hide_index=True)
     if g.failed:
         return
-    module = st.selectbox("Module", list(phis), key="sub_module")
-    phi, d = phis[module]
-    left, right = st.columns([3, 2])
-    with left:
-        chart(plot_similarity_heatmap(phi, d, x_label=f"j ({second})", y_label=f"i ({first})"), key="sub_phi")
-    with right:
-        st.dataframe(summary, hide_index=True)
     seeds = {labels[n].config.get("seed") for n in lora}
     if len(seeds) < 2:
         with st.expander("Seed versus seed"):
@@ -84,38 +61,44 @@ def similarity_section(runs) -> None:
 
 
 def base_section(runs) -> None:
-    st.subheader("ΔW versus W0")
-    labels = {run_label(r): r for r in runs}
-    c = st.columns(2)
-    run = labels[c[0].selectbox("Run", list(labels), key="base_run")]
+    st.subheader(BASE.title)
+    st.caption(f"{BASE.question} {AMPLIFICATION.question}")
+    inputs = inputs_for(runs)
     with guarded("comparing ΔW with W0") as g:
-        updates = updates_for(run)
-        module = c[1].selectbox("Module", list(updates), key="base_module")
-        overlap = base_overlap(updates[module])
-        amp = amplification_frame(updates)
+        reason = BASE.skip_reason(inputs)
+        if reason:
+            st.info(f"{reason[0].upper()}{reason[1:]}.", icon=":material/info:")
+            return
+        params = {}
+        c = st.columns(2)
+        widget(BASE, "run", inputs, params, "base_run", container=c[0])
+        widget(BASE, "module", inputs, params, "base_module", container=c[1])
+        overlap = result(BASE, inputs, params)
+        amp = result(AMPLIFICATION, inputs, {"run": params["run"]})
     if g.failed:
         return
     left, right = st.columns(2)
     with left:
-        chart(plot_base_overlap(overlap), key="base_overlap")
+        chart(overlap.figures[0], key="base_overlap")
     with right:
-        chart(plot_amplification(amp), key="amp_bars")
-    chart(plot_amplification_table(amp), key="amp_table")
-    st.caption("Amplification factor ‖ΔW‖_F / ‖Uᵀ W0 V‖_F (U, V: ΔW's top-r directions; Hu et al. 2021, §7.3): "
-               "large when ΔW amplifies directions W0 barely uses. The paper reports about 21.5 at r=4 for "
-               "GPT-3's layer-48 Wq.")
+        chart(amp.figures[0], key="amp_bars")
+    chart(amp.figures[1], key="amp_table")
 
 
 def intruder_section(runs) -> None:
-    st.subheader("Intruder dimensions")
-    st.caption("Top-k singular vectors of W0 + ΔW whose largest |cosine| with every singular vector of W0 is "
-               "below ε (Shuttleworth et al. 2024). Low-rank LoRA tends to create them; full fine-tuning rarely.")
-    k = st.slider("k (top singular vectors checked)", 1, 50, 10, key="intr_k")
+    st.subheader(INTRUDERS.title)
+    st.caption(INTRUDERS.question)
+    inputs = inputs_for(runs)
     with guarded("counting intruders"):
-        sweep = intruders(runs, tuple((r.id, stamp(r)) for r in runs), k)
-        chart(plot_intruders_vs_epsilon(sweep, k), key="intr_chart")
-        at = sweep[sweep["epsilon"] == 0.5].groupby("label", as_index=False, sort=False)["intruders"].sum()
-        st.dataframe(at.rename(columns={"intruders": f"intruders at ε=0.5, k={k}"}), hide_index=True)
+        reason = INTRUDERS.skip_reason(inputs)
+        if reason:
+            st.info(f"{reason[0].upper()}{reason[1:]}.", icon=":material/info:")
+            return
+        params = {}
+        widget(INTRUDERS, "k", inputs, params, "intr_k", max_value=50)
+        res = result(INTRUDERS, inputs, params)
+        show(res, "intr", tables=False)
+        st.dataframe(res.tables[0][1], hide_index=True)
 
 
 def page() -> None:

@@ -9,6 +9,10 @@
 | ``rank_advice`` | the rank each module needs, as a PEFT config; shrinking an adapter to it |
 | ``merge_check`` | merged versus unmerged outputs per dtype, round-trip error, latency |
 | ``sources`` | adapter directories and base weights → ``ModuleUpdate``s |
+| ``registry`` | every analysis once: question, computation, figures, defaults; read by pages, report and CLI |
+
+The registry is not imported here (it reads the run store and draws figures): ``from lora_analysis.analysis
+import registry``.
 """
 
 # Functions named like their module (amplification, merge_check, rank_advice) are not re-exported here:

@@ -2,6 +2,9 @@
 
     python -m lora_analysis report --latest-sweep --html report.html
     python -m lora_analysis report RUN_ID [RUN_ID ...] --parts training,spectra --html report.html
+
+Every registered analysis (``lora_analysis.analysis.registry``) that applies to the runs is included, at
+the defaults the dashboard uses; ``--parts`` narrows it to analyses or groups.
 """
 
 from __future__ import annotations
@@ -9,17 +12,21 @@ from __future__ import annotations
 import argparse
 
 from .. import runstore
+from ..analysis.registry import ANALYSES
 from ..report import write_report
-from ..run_report import PARTS, report_sections, run_configs
+from ..run_report import report_sections, run_configs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report of runs",
-                       description="Write one HTML file (plotly.js inlined, works offline) with the training "
-                                   "curves, spectra, subspace and merge analyses of the chosen runs.")
+                       description="Write one HTML file (plotly.js inlined, works offline) with every registered "
+                                   "analysis of the chosen runs (training curves, spectra, subspaces, merge, "
+                                   "...), at the dashboard's defaults.")
     p.add_argument("runs", nargs="*", help="run ids (or unique id prefixes); default: the newest sweep")
     p.add_argument("--html", required=True, help="where to write the report")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
+    p.add_argument("--parts", default=None,
+                   help="comma-separated analyses or groups (default: all). Groups: "
+                        f"{', '.join(ANALYSES.groups())}; analyses: {', '.join(ANALYSES.names())}")
     p.add_argument("--runs-dir", default=None, help="run store folder (default $LORA_ANALYSIS_HOME/runs)")
     p.add_argument("--title", default="lora-analysis report")
     p.set_defaults(func=run)
@@ -32,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         runs = runstore.latest_sweep(runstore.list_runs(args.runs_dir))
     if not runs:
         raise ValueError(f"the run store {runstore.runs_root(args.runs_dir)} has no completed runs")
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    parts = None if args.parts is None else [p.strip() for p in args.parts.split(",") if p.strip()]
+    if parts == []:
+        raise ValueError("--parts is empty: name analyses or groups, or leave it out for all")
     path = write_report(args.html, args.title, report_sections(runs, parts), configs=run_configs(runs),
                         subtitle=f"{len(runs)} runs: " + ", ".join(r.name for r in runs))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(runs)} runs)")

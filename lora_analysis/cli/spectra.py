@@ -13,14 +13,15 @@ import sys
 
 import pandas as pd
 
-from ..analysis.amplification import amplification_frame
-from ..analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, intruders_frame
+from ..analysis import registry
 from ..analysis.similarity import adapter_similarity, similarity_summary_frame
 from ..analysis.sources import load_updates
-from ..analysis.spectra import spectra_frame
 
 NEEDS_BASE = ("amplification and intruder dimensions were skipped: both compare ΔW with the base weights W0, "
               "which an adapter does not contain; pass --base MODEL_DIR_OR_WEIGHTS.safetensors to include them")
+# the registry's entries this command shows, with their registered defaults
+SPECTRA, AMPLIFICATION, INTRUDERS = (registry.get(n) for n in ("spectra", "amplification", "intruders"))
+DEFAULT_K, DEFAULT_EPSILON = INTRUDERS.param("k").default, INTRUDERS.param("epsilon").default
 JSON_COLUMNS = ["name", "kind", "shape", "rank", "scaling", "singular_values", "fro_norm", "spectral_norm",
                 "stable_rank", "effective_rank", "rank_90", "rank_99", "numerical_rank"]
 TABLE_COLUMNS = ["name", "out_features", "in_features", "rank", "scaling", "fro_norm", "spectral_norm",
@@ -73,13 +74,15 @@ def _records(frame: pd.DataFrame, columns: list[str] | None = None) -> list[dict
 
 def run_spectra(args: argparse.Namespace) -> int:
     adapter, updates = load_updates(args.adapter, args.base)
-    frame = spectra_frame(updates)
-    amp = intr = None
+    inputs = registry.Inputs.from_updates({str(args.adapter): updates})
+    results = [SPECTRA.run(inputs)]
     if args.base is not None:
-        amp = amplification_frame(updates)
-        intr = intruders_frame(updates, args.k, args.epsilon)
+        results += [AMPLIFICATION.run(inputs), INTRUDERS.run(inputs, k=args.k, epsilon=args.epsilon)]
+    frame = results[0].value
+    amp = results[1].value if args.base is not None else None
+    intr = results[2].value.modules.drop(columns=["label"]) if args.base is not None else None
     if args.html:
-        _write_html(args, frame, amp, intr)
+        _write_html(args, results)
     if args.json:
         out = {"adapter": str(adapter.path), "base": args.base, "modules": _records(frame, JSON_COLUMNS),
                "amplification": None if amp is None else _records(amp),
@@ -106,25 +109,15 @@ def run_spectra(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_html(args: argparse.Namespace, frame: pd.DataFrame, amp, intr) -> None:
-    from ..plots.analysis import (plot_amplification, plot_amplification_table, plot_cumulative_energy,
-                                  plot_rank_heatmap, plot_singular_values)
+def _write_html(args: argparse.Namespace, results: list) -> None:
     from ..report import Section, write_report
 
-    sections = [Section("Singular spectra of ΔW",
-                        "ΔW = scaling·B·A per adapted module; singular values from the factored SVD.",
-                        [plot_singular_values(frame), plot_cumulative_energy(frame),
-                         plot_rank_heatmap(frame, "effective_rank"), plot_rank_heatmap(frame, "stable_rank")],
-                        [("per-module metrics", frame[TABLE_COLUMNS])])]
-    if amp is None:
+    sections = [r.section() for r in results]
+    if len(results) == 1:
         sections.append(Section("Amplification and intruder dimensions", NEEDS_BASE))
-    else:
-        sections.append(Section("Amplification (LoRA paper Table 7)", "",
-                                [plot_amplification(amp), plot_amplification_table(amp)]))
-        sections.append(Section("Intruder dimensions", f"k={args.k}, ε={args.epsilon}", [],
-                                [("intruders per module", intr.drop(columns=["intruder_indices"]))]))
     write_report(args.html, f"LoRA spectra: {args.adapter}", sections,
-                 configs={"adapter": str(args.adapter), "base": args.base})
+                 configs={"adapter": str(args.adapter), "base": args.base,
+                          "analyses": {r.name: r.params for r in results}})
 
 
 def run_similarity(args: argparse.Namespace) -> int:

@@ -1,0 +1,109 @@
+"""Pages show registered analyses (``lora_analysis.analysis.registry``): widgets from an entry's parameters,
+one cached computation, its figures and tables. What a page shows is what the report shows.
+
+    entry = registry.get("intruders")
+    inputs = inputs_for(runs)
+    params = widgets(entry, inputs, keys={"k": "intr_k"})      # or widget(...) one parameter at a time
+    show(result(entry, inputs, params))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import streamlit as st
+
+from dashboard.common import chart
+from dashboard.runs import restored_for, spectra_frame_for, stamp, updates_for
+from lora_analysis.analysis.registry import Analysis, Inputs, Param, Result
+
+
+def inputs_for(runs) -> Inputs:
+    """The chosen runs, read through the page caches."""
+    return Inputs.from_runs(runs, load=updates_for, spectra=spectra_frame_for, restore=restored_for)
+
+
+def inputs_key(inputs: Inputs) -> tuple:
+    """What identifies the inputs for the cache: each run's id and last change, or the page's own key."""
+    return tuple((label, r.id, stamp(r)) if (r := inputs.run(label)) is not None else (label,)
+                 for label in inputs.labels)
+
+
+@st.cache_data(max_entries=128, show_spinner="Computing…")
+def _result(name: str, key: tuple, params: tuple, _entry: Analysis, _inputs: Inputs) -> Result:
+    return _entry.run(_inputs, **dict(params))
+
+
+def result(entry: Analysis, inputs: Inputs, params: Mapping, key: tuple | None = None) -> Result:
+    """``entry.run(inputs, **params)``, cached by the runs' versions (``key`` for inputs that are not runs)
+    and the parameters; the parameters shown are kept in ``st.session_state["params:<name>"]``."""
+    out = _result(entry.name, inputs_key(inputs) if key is None else key,
+                  tuple(sorted(params.items(), key=lambda kv: kv[0])), entry, inputs)
+    st.session_state[f"params:{entry.name}"] = dict(out.params)
+    return out
+
+
+def widget(entry: Analysis, name: str, inputs: Inputs, chosen: dict, key: str, container=st,
+           kind: str | None = None, **kwargs) -> Any:
+    """One widget for parameter ``name``, at its registered default and with its help; the value is added
+    to ``chosen`` (later parameters' choices and defaults may depend on it) and returned.
+
+    Choices become a select box (``kind="radio"`` / ``"segmented"`` for short lists), booleans a toggle,
+    bounded numbers a slider (``kind="number"`` for a number box); ``kwargs`` go to the widget (e.g. a
+    slider's ``max_value`` when the parameter itself has no upper bound).
+    """
+    p: Param = entry.param(name)
+    options = entry.options(name, inputs, chosen)
+    default = entry.default(name, inputs, chosen)
+    label, fmt = p.label or name, (lambda v: p.names.get(v, str(v)))
+    if options:
+        if kind == "radio":
+            value = container.radio(label, options, index=options.index(default), key=key, help=p.help,
+                                    horizontal=True, format_func=fmt, **kwargs)
+        elif kind == "segmented":
+            value = container.segmented_control(label, options, default=default, key=key, help=p.help,
+                                                format_func=fmt, **kwargs) or default
+        else:
+            value = container.selectbox(label, options, index=options.index(default), key=key, help=p.help,
+                                        format_func=fmt, **kwargs)
+    elif isinstance(p.default, bool):
+        value = container.toggle(label, default, key=key, help=p.help, **kwargs)
+    else:
+        cast = int if isinstance(p.default, int) else float
+        bounds = {"min_value": cast(p.low) if p.low is not None else None,
+                  "max_value": cast(p.high) if p.high is not None else None, **kwargs}
+        if kind == "number" or bounds["min_value"] is None or bounds["max_value"] is None:
+            value = container.number_input(label, value=cast(default), key=key, help=p.help, **bounds)
+        else:
+            step = 1 if cast is int else 0.01
+            value = container.slider(label, value=cast(default), step=step, key=key, help=p.help, **bounds)
+    chosen[name] = value
+    return value
+
+
+def widgets(entry: Analysis, inputs: Inputs, keys: Mapping[str, str] | None = None, prefix: str | None = None,
+            fixed: Mapping | None = None) -> dict:
+    """A widget for every parameter of ``entry`` not in ``fixed``, in order; keys ``<prefix>_<name>``."""
+    chosen = dict(fixed or {})
+    for p in entry.params:
+        if p.name not in chosen:
+            widget(entry, p.name, inputs, chosen, (keys or {}).get(p.name, f"{prefix or entry.name}_{p.name}"))
+    return chosen
+
+
+def show(res: Result, key: str, tables: bool = True) -> None:
+    """A result as the report has it: prose, figures (one per row), then tables and code."""
+    if res.text:
+        st.caption(res.text)
+    for i, fig in enumerate(res.figures):
+        chart(fig, key=f"{key}_fig{i}")
+    if tables:
+        show_tables(res)
+
+
+def show_tables(res: Result) -> None:
+    for caption, frame in res.tables:
+        st.markdown(f"**{caption}**")
+        st.dataframe(frame, hide_index=True, width="stretch")
+    if res.code:
+        st.code(res.code, language="python")

@@ -1,0 +1,890 @@
+"""Every analysis, registered once: its question, its computation, its figures and its defaults.
+
+    entry = registry.get("intruders")
+    inputs = Inputs.from_runs(runs)                 # or Inputs.from_updates({"my adapter": updates})
+    result = entry.run(inputs, k=5)                 # the other parameters at their registered defaults
+    result.figures, result.tables, result.text      # plotly figures, (caption, DataFrame) pairs, prose
+    result.section()                                # the same, as a block of the HTML report
+
+Three readers use an entry, and nothing else decides what an analysis shows:
+
+* the dashboard page ``dashboard/views/<entry.page>.py`` builds its widgets from ``entry.params`` (their
+  defaults, choices and help) and draws ``result.figures``;
+* the HTML report (:mod:`lora_analysis.run_report`) renders, in registry order, every entry that applies
+  to the chosen runs, at the same defaults (an entry with ``each`` set is shown once per choice of that
+  parameter, e.g. once per run);
+* the CLI: ``report --parts`` names entries or their groups, ``spectra`` uses the spectra, amplification
+  and intruders entries on an adapter folder.
+
+Adding an analysis: a module of pure functions in ``analysis/``, a plot function in ``plots/``, one
+``register(Analysis(...))`` below and a page that shows it; the report and the CLI pick it up unchanged.
+
+An analysis reads :class:`Inputs`: labelled subjects (runs of the run store, or adapters read from
+folders) whose updates are loaded once, on first use. A compute function is ``(inputs, params) -> value``
+(a DataFrame or a dataclass); figure, table and text functions are ``(value, params) -> ...``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .. import runstore
+from ..plots import analysis as plots
+from ..plots import training as training_plots
+from ..report import Section
+from ..weights import ModuleUpdate
+from . import amplification, intruders, rank_advice, similarity
+from .spectra import spectra_frame
+
+NEEDS_W0 = ("{what} compares ΔW with the base weights W0, which {subject} does not hold (an adapter alone has "
+            "no W0). Name the base model to include it: --base MODEL_DIR_OR_WEIGHTS.safetensors on the CLI, "
+            "runstore.load_updates(run, base=...) in Python")
+
+
+def run_label(run: runstore.Run) -> str:
+    """How a run is named on every page and in every report: its name and the end of its id."""
+    return f"{run.name} · {run.id[-6:]}"
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+class Inputs:
+    """What analyses read: subjects by label, each a run of the run store or a ready set of updates.
+
+    ``load`` reads a run's updates (default :func:`lora_analysis.runstore.load_updates`), ``spectra`` a
+    run's spectra frame, ``restore`` a run's model (default :func:`lora_analysis.training.restore.restore_run`);
+    the dashboard passes its cached versions. Each subject is loaded at most once per ``Inputs``.
+    """
+
+    def __init__(self, subjects: Mapping[str, runstore.Run | Mapping[str, ModuleUpdate]], *,
+                 load: Callable[[runstore.Run], Mapping[str, ModuleUpdate]] | None = None,
+                 spectra: Callable[[runstore.Run], pd.DataFrame] | None = None,
+                 restore: Callable[[runstore.Run], Any] | None = None) -> None:
+        self._subjects = dict(subjects)
+        self._load = load or runstore.load_updates
+        self._spectra_of = spectra
+        self._restore = restore
+        self._updates: dict[str, Mapping[str, ModuleUpdate]] = {}
+        self._spectra: dict[str, pd.DataFrame] = {}
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[runstore.Run], **loaders) -> "Inputs":
+        return cls({run_label(r): r for r in runs}, **loaders)
+
+    @classmethod
+    def from_updates(cls, updates: Mapping[str, Mapping[str, ModuleUpdate]]) -> "Inputs":
+        """Subjects that are not runs: ``{label: {module: ModuleUpdate}}`` (e.g. adapters read from folders)."""
+        return cls(updates)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._subjects)
+
+    @property
+    def runs(self) -> list[runstore.Run]:
+        return [s for s in self._subjects.values() if isinstance(s, runstore.Run)]
+
+    def run(self, label: str) -> runstore.Run | None:
+        subject = self._subject(label)
+        return subject if isinstance(subject, runstore.Run) else None
+
+    def _subject(self, label: str):
+        if label not in self._subjects:
+            raise ValueError(f"'{label}' is not one of the chosen runs: {', '.join(self._subjects) or 'none'}")
+        return self._subjects[label]
+
+    def updates(self, label: str) -> Mapping[str, ModuleUpdate]:
+        """{module: ModuleUpdate} of one subject (W0 may be None for adapters without base weights)."""
+        if label not in self._updates:
+            subject = self._subject(label)
+            self._updates[label] = self._load(subject) if isinstance(subject, runstore.Run) else subject
+        return self._updates[label]
+
+    def spectra(self, label: str) -> pd.DataFrame:
+        """:func:`lora_analysis.analysis.spectra_frame` of one subject."""
+        if label not in self._spectra:
+            run = self.run(label)
+            self._spectra[label] = (self._spectra_of(run) if run is not None and self._spectra_of is not None
+                                    else spectra_frame(self.updates(label)))
+        return self._spectra[label]
+
+    def restored(self, label: str):
+        """The run's model rebuilt (LoRA unmerged), for analyses that run it."""
+        run = self.run(label)
+        if run is None:
+            raise ValueError(f"'{label}' is not a run of the run store: only a run's model can be rebuilt")
+        if self._restore is None:
+            from ..training.restore import restore_run   # rebuilding a model is asked for by name, here only
+            self._restore = restore_run
+        return self._restore(run)
+
+    def kind(self, label: str) -> str:
+        """"lora" or "full"."""
+        run = self.run(label)
+        if run is not None:
+            return run.method
+        return "full" if any(u.kind == "full" for u in self.updates(label).values()) else "lora"
+
+    def rank(self, label: str) -> int | None:
+        """The run's configured rank (largest module rank for an adapter); None for full fine-tuning."""
+        if self.kind(label) != "lora":
+            return None
+        run = self.run(label)
+        if run is not None and run.config.get("rank") is not None:
+            return int(run.config["rank"])
+        return max((u.rank or 0 for u in self.updates(label).values()), default=0)
+
+    def model(self, label: str) -> str | None:
+        run = self.run(label)
+        return run.model if run is not None else None
+
+    def has_w0(self, label: str) -> bool:
+        updates = self.updates(label)
+        return bool(updates) and all(u.w0 is not None for u in updates.values())
+
+
+# ---- what an entry is --------------------------------------------------------------------------------
+
+Options = Sequence | Callable[[Inputs, dict], Sequence]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of an analysis, with the default the page, the report and the CLI all use.
+
+    ``default`` is a value, or ``fn(inputs, chosen)`` for a choice that depends on the data (which run,
+    which module); ``chosen`` holds the parameters resolved before this one. ``options`` lists the allowed
+    values (or is ``fn(inputs, chosen)``); numbers may have bounds ``low``/``high`` (inclusive).
+    """
+
+    name: str
+    default: Any
+    help: str
+    label: str = ""
+    options: Options = ()
+    low: float | None = None
+    high: float | None = None
+    names: Mapping[Any, str] = field(default_factory=dict)   # display names of options
+
+    def choices(self, inputs: Inputs, chosen: dict) -> list:
+        return list(self.options(inputs, chosen) if callable(self.options) else self.options)
+
+    def default_for(self, inputs: Inputs, chosen: dict) -> Any:
+        if callable(self.default):
+            return self.default(inputs, chosen)
+        return self.default
+
+    def check(self, value: Any, choices: list, analysis: str) -> Any:
+        """``value`` if allowed (ints given for a float parameter become floats), else ``ValueError``."""
+        what = f"{analysis}: {self.name}={value!r} is not allowed"
+        if choices:
+            if value not in choices:
+                shown = ", ".join(map(repr, choices[:12])) + (" …" if len(choices) > 12 else "")
+                raise ValueError(f"{what}: choose one of {shown}")
+            return value
+        kind = type(self.default)
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{what}: give true or false")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{what}: give an integer")
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{what}: give a number")
+            value = float(value)
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            bounds = f"from {self.low:g}" if self.low is not None else ""
+            bounds += f" to {self.high:g}" if self.high is not None else " up"
+            raise ValueError(f"{what}: it must be {bounds}")
+        return value
+
+
+def _no_tables(value, p) -> list:
+    return []
+
+
+def _no_text(value, p) -> str:
+    return ""
+
+
+def _always(inputs: Inputs) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One registered analysis.
+
+    Attributes:
+        name: short id (CLI ``--parts``, report anchors).
+        title: heading on the page and in the report.
+        question: what it answers, in one sentence (shown under the heading).
+        group: the report part it belongs to ("training", "spectra", "subspaces", "merge", ...).
+        page: the dashboard page that shows it (``dashboard/views/<page>.py``).
+        compute: ``(inputs, params) -> value`` (DataFrame or dataclass).
+        figures / tables / text / code: ``(value, params) ->`` plotly figures / (caption, DataFrame) pairs /
+            prose / a code listing.
+        params: the parameters, in the order they are resolved (later defaults may depend on earlier ones).
+        applies: ``inputs -> None`` when the analysis applies, else the reason it does not.
+        each: a parameter the report repeats the analysis over (every choice of it), e.g. "run".
+    """
+
+    name: str
+    title: str
+    question: str
+    group: str
+    page: str
+    compute: Callable[[Inputs, dict], Any]
+    figures: Callable[[Any, dict], list[go.Figure]]
+    tables: Callable[[Any, dict], list[tuple[str, pd.DataFrame]]] = _no_tables
+    text: Callable[[Any, dict], str] = _no_text
+    code: Callable[[Any, dict], str] = _no_text
+    params: tuple[Param, ...] = ()
+    applies: Callable[[Inputs], str | None] = _always
+    each: str | None = None
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ValueError(f"analysis '{self.name}' has no parameter '{name}': it has "
+                         f"{', '.join(p.name for p in self.params) or 'none'}")
+
+    def options(self, name: str, inputs: Inputs, chosen: Mapping | None = None) -> list:
+        """The allowed values of parameter ``name`` given the ones ``chosen`` before it ([] = any value in
+        its bounds)."""
+        return self.param(name).choices(inputs, dict(chosen or {}))
+
+    def default(self, name: str, inputs: Inputs, chosen: Mapping | None = None) -> Any:
+        return self.param(name).default_for(inputs, dict(chosen or {}))
+
+    def resolve(self, inputs: Inputs, **given) -> dict:
+        """Every parameter: ``given`` ones checked, the others at their defaults. ``ValueError`` names an
+        unknown or bad one."""
+        unknown = sorted(set(given) - {p.name for p in self.params})
+        if unknown:
+            raise ValueError(f"analysis '{self.name}' has no parameter(s) {', '.join(unknown)}: it has "
+                             f"{', '.join(p.name for p in self.params) or 'none'}")
+        chosen: dict = {}
+        for p in self.params:
+            choices = p.choices(inputs, chosen)
+            value = given[p.name] if p.name in given else p.default_for(inputs, chosen)
+            chosen[p.name] = p.check(value, choices, self.name)
+        return chosen
+
+    def skip_reason(self, inputs: Inputs) -> str | None:
+        """None when the analysis applies to ``inputs``, else why it does not."""
+        return self.applies(inputs)
+
+    def run(self, inputs: Inputs, **given) -> "Result":
+        """Resolve the parameters, compute, and draw: what a page shows and a report section holds."""
+        reason = self.skip_reason(inputs)
+        if reason:
+            raise ValueError(f"{self.title}: {reason}")
+        params = self.resolve(inputs, **given)
+        value = self.compute(inputs, params)
+        return Result(self.name, self.title, params, value, list(self.figures(value, params)),
+                      list(self.tables(value, params)), self.text(value, params), self.code(value, params))
+
+    def runs_over(self, inputs: Inputs, **given) -> list["Result"]:
+        """What the report shows: one result, or one per choice of ``each`` (e.g. per run)."""
+        if self.each is None or self.each in given:
+            return [self.run(inputs, **given)]
+        reason = self.skip_reason(inputs)
+        if reason:
+            raise ValueError(f"{self.title}: {reason}")
+        return [self.run(inputs, **given, **{self.each: v}) for v in self.options(self.each, inputs, given)]
+
+
+@dataclass
+class Result:
+    """One analysis computed and drawn, with the parameters it used (plain values: it pickles)."""
+
+    name: str
+    title: str
+    params: dict
+    value: Any
+    figures: list[go.Figure]
+    tables: list[tuple[str, pd.DataFrame]]
+    text: str = ""
+    code: str = ""
+
+    def params_text(self) -> str:
+        return ", ".join(f"{k}={_show(v)}" for k, v in self.params.items())
+
+    def section(self, each: str | None = None) -> Section:
+        title = self.title if each is None else f"{self.title}: {self.params[each]}"
+        text = " ".join(t for t in (self.text, f"Parameters: {self.params_text()}.") if t)
+        return Section(title, text, list(self.figures), list(self.tables), code=self.code)
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_show(v) for v in value) + ")"
+    return str(value)
+
+
+class Registry:
+    """The analyses in the order the report shows them, by name."""
+
+    def __init__(self, analyses: Sequence[Analysis] = ()) -> None:
+        self._by_name: dict[str, Analysis] = {}
+        for a in analyses:
+            self.register(a)
+
+    def register(self, analysis: Analysis) -> Analysis:
+        if analysis.name in self._by_name:
+            raise ValueError(f"an analysis named '{analysis.name}' is already registered")
+        names = {p.name for p in analysis.params}
+        if analysis.each is not None and analysis.each not in names:
+            raise ValueError(f"analysis '{analysis.name}': each={analysis.each!r} is not one of its parameters")
+        self._by_name[analysis.name] = analysis
+        return analysis
+
+    def unregister(self, name: str) -> None:
+        self.get(name)
+        del self._by_name[name]
+
+    def get(self, name: str) -> Analysis:
+        if name not in self._by_name:
+            raise ValueError(f"no analysis is named '{name}': choose from {', '.join(self._by_name)}")
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[Analysis]:
+        return iter(list(self._by_name.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(a.group for a in self))
+
+    def select(self, parts: Sequence[str] | None = None) -> list[Analysis]:
+        """The analyses named by ``parts`` (analysis names or group names), in registry order; all for None."""
+        if parts is None:
+            return list(self)
+        known = set(self.names()) | set(self.groups())
+        unknown = [p for p in parts if p not in known]
+        if unknown:
+            raise ValueError(f"report part(s) {unknown} are not known: choose analyses "
+                             f"({', '.join(self.names())}) or groups ({', '.join(self.groups())})")
+        return [a for a in self if a.name in parts or a.group in parts]
+
+
+# ---- shared choices ------------------------------------------------------------------------------------
+
+def _labels(inputs: Inputs, chosen: dict) -> list[str]:
+    return inputs.labels
+
+
+def _first(options: Callable[[Inputs, dict], Sequence]):
+    """Default: the first allowed value."""
+    def default(inputs: Inputs, chosen: dict):
+        values = list(options(inputs, chosen))
+        if not values:
+            raise ValueError("there is nothing to choose from")
+        return values[0]
+    return default
+
+
+def _with_w0(inputs: Inputs, chosen: dict) -> list[str]:
+    return [label for label in inputs.labels if inputs.has_w0(label)]
+
+
+def _needs_w0(what: str) -> Callable[[Inputs], str | None]:
+    def applies(inputs: Inputs) -> str | None:
+        if not inputs.labels:
+            return "no run is chosen"
+        if any(inputs.has_w0(label) for label in inputs.labels):
+            return None
+        subject = f"'{inputs.labels[0]}'" if len(inputs.labels) == 1 else "none of the chosen runs"
+        return NEEDS_W0.format(what=what, subject=subject)
+    return applies
+
+
+def _needs_runs(inputs: Inputs) -> str | None:
+    return None if inputs.runs else "it reads training records, so it needs runs of the run store"
+
+
+def _needs_subjects(inputs: Inputs) -> str | None:
+    return None if inputs.labels else "no run is chosen"
+
+
+
+
+# ---- training: curves and the runs table ------------------------------------------------------------------
+
+METRICS = ("val_accuracy", "val_perplexity", "val_loss")
+SUMMARY_COLUMNS = ["name", "model", "method", "rank", "alpha", "rslora", "targets", "steps", "val_accuracy",
+                   "val_perplexity", "val_loss", "trainable_params", "train_seconds"]
+
+
+def _metric_options(frame: pd.DataFrame) -> list[str]:
+    return [m for m in METRICS if m in frame.columns and frame[m].notna().any()] or ["val_loss"]
+
+
+@dataclass
+class Training:
+    runs: pd.DataFrame       # runstore.runs_frame: one row per run
+    metrics: pd.DataFrame    # runstore.load_metrics: one row per logged step and run
+
+
+def _training(inputs: Inputs, p: dict) -> Training:
+    return Training(runstore.runs_frame(runs=inputs.runs), runstore.load_metrics(inputs.runs))
+
+
+def _training_figures(t: Training, p: dict) -> list[go.Figure]:
+    figures = [training_plots.plot_loss_curves(t.metrics, "train_loss", smooth=p["smooth"], log_y=True)]
+    if "val_loss" in t.metrics.columns and t.metrics["val_loss"].notna().any():
+        figures.append(training_plots.plot_loss_curves(t.metrics, "val_loss", title="Validation loss", log_y=True))
+    return figures
+
+
+def _training_tables(t: Training, p: dict) -> list:
+    return [("Runs", t.runs[[c for c in SUMMARY_COLUMNS if c in t.runs.columns]])]
+
+
+TRAINING = Analysis(
+    name="loss_curves", title="Training runs", group="training", page="finetune",
+    question="How did each run train: its loss per step and its final metrics?",
+    compute=_training, figures=_training_figures, tables=_training_tables,
+    text=lambda t, p: f"{len(t.runs)} runs.",
+    params=(Param("smooth", 5, "steps in the centred rolling mean of the training loss", "Smoothing", low=1),),
+    applies=_needs_runs)
+
+
+# ---- rank & alpha ---------------------------------------------------------------------------------------------
+
+def _models(inputs: Inputs, chosen: dict) -> list[str]:
+    return list(dict.fromkeys(r.model for r in inputs.runs))
+
+
+def _setting(run: runstore.Run) -> str:
+    c = run.config
+    return f"data={c.get('data') or 'default'}, steps={c.get('steps')}, seed={c.get('seed')}"
+
+
+def _settings(inputs: Inputs, chosen: dict) -> list[str]:
+    # runs of different data, steps or seed do not belong on one line: one setting at a time
+    return list(dict.fromkeys(_setting(r) for r in inputs.runs if r.model == chosen["model"]))
+
+
+def _setting_runs(inputs: Inputs, p: dict) -> list[runstore.Run]:
+    return [r for r in inputs.runs if r.model == p["model"] and _setting(r) == p["setting"]]
+
+
+def _ra_metrics(inputs: Inputs, chosen: dict) -> list[str]:
+    return _metric_options(runstore.runs_frame(runs=_setting_runs(inputs, chosen)))
+
+
+def delta_norms(inputs: Inputs, runs: Sequence[runstore.Run]) -> pd.DataFrame:
+    """‖ΔW‖_F over the modules LoRA adapted, one row per run (full fine-tuning's over the same modules, so
+    the two compare like with like)."""
+    spectra = {r.id: inputs.spectra(run_label(r)) for r in runs}
+    lora_modules = set().union(*(set(spectra[r.id]["name"]) for r in runs if r.method == "lora"))
+    rows = []
+    for run in runs:
+        s = spectra[run.id]
+        if run.method == "full" and lora_modules:
+            s = s[s["name"].isin(lora_modules)]
+        rows.append({"id": run.id, "name": run.name, "method": run.method, "status": run.status,
+                     "rank": run.config.get("rank") if run.method == "lora" else None,
+                     "alpha": run.config.get("alpha") if run.method == "lora" else None,
+                     "rslora": run.config.get("rslora"),
+                     "delta_norm": float(np.sqrt(np.sum(np.square(s["fro_norm"]))))})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class RankAlpha:
+    runs: pd.DataFrame     # runs_frame of the runs of one model and setting
+    norms: pd.DataFrame    # delta_norms of the same runs
+
+
+def _rank_alpha(inputs: Inputs, p: dict) -> RankAlpha:
+    runs = _setting_runs(inputs, p)
+    return RankAlpha(runstore.runs_frame(runs=runs), delta_norms(inputs, runs))
+
+
+def _rank_alpha_figures(v: RankAlpha, p: dict) -> list[go.Figure]:
+    m = p["metric"]
+    return [training_plots.plot_metric_vs_rank(v.runs, m), training_plots.plot_metric_vs_alpha(v.runs, m),
+            training_plots.plot_update_norm(v.norms, "alpha"),
+            training_plots.plot_update_norm(v.norms, "rank", title="Size of the learned update versus rank"),
+            training_plots.plot_efficiency_frontier(v.runs, m), training_plots.plot_cost_comparison(v.runs)]
+
+
+def _rank_alpha_text(v: RankAlpha, p: dict) -> str:
+    if v.runs["rslora"].nunique() < 2:
+        return ("α/r versus α/√r: the rank chart draws one line per scaling once the runs include both "
+                "(run the rsLoRA study on the Rank & alpha page).")
+    return ""
+
+
+RANK_ALPHA = Analysis(
+    name="rank_alpha", title="Rank and alpha effects", group="training", page="rank_alpha",
+    question="How do rank, alpha and the scaling rule (α/r or α/√r) change the final metric, the size of ΔW "
+             "and the cost?",
+    compute=_rank_alpha, figures=_rank_alpha_figures, text=_rank_alpha_text,
+    params=(Param("model", _first(_models), "the runs' model", "Model", options=_models),
+            Param("setting", _first(_settings), "runs with the same data and optimisation settings",
+                  "Runs with the same data and optimisation settings", options=_settings),
+            Param("metric", _first(_ra_metrics), "final metric to compare", "Metric", options=_ra_metrics)),
+    applies=_needs_runs, each="model")
+
+
+# ---- spectra across runs ----------------------------------------------------------------------------------
+
+def _common_modules(inputs: Inputs, chosen: dict) -> list[str]:
+    frames = [inputs.spectra(label) for label in inputs.labels]
+    return sorted(set.intersection(*(set(f["name"]) for f in frames))) if frames else []
+
+
+def _largest_module(inputs: Inputs, chosen: dict) -> str:
+    """The shared module whose ΔW is largest in any run: where the runs learned most."""
+    modules = _common_modules(inputs, chosen)
+    if not modules:
+        raise ValueError("the chosen runs share no module (different models)")
+    norms = pd.concat([inputs.spectra(label).set_index("name")["fro_norm"] for label in inputs.labels], axis=1)
+    return max(modules, key=lambda n: float(norms.loc[n].max()))
+
+
+def _spectra_sweep(inputs: Inputs, p: dict) -> pd.DataFrame:
+    rows = []
+    for label in inputs.labels:
+        row = inputs.spectra(label).set_index("name").loc[p["module"]]
+        rows.append({"label": label, "kind": row["kind"], "rank": row["rank"] if row["kind"] == "lora" else None,
+                     "singular_values": row["singular_values"], "rank_90": row["rank_90"]})
+    frame = pd.DataFrame(rows, columns=["label", "kind", "rank", "singular_values", "rank_90"])
+    # LoRA by rank, then full fine-tuning
+    order = sorted(range(len(frame)), key=lambda i: (frame["kind"][i] == "full", frame["rank"][i] or 0))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def _spectra_sweep_text(sweep: pd.DataFrame, p: dict) -> str:
+    full = sweep[sweep["kind"] == "full"]
+    if not len(full):
+        return ""
+    ranks = sorted(int(r) for r in sweep.loc[sweep["kind"] == "lora", "rank"])
+    return (f"Full fine-tuning needs {int(full['rank_90'].iloc[0])} directions for 90% of its ΔW energy in "
+            f"{p['module']}; the LoRA ranks compared are {ranks or 'none'} (Biderman et al. 2024: full "
+            "fine-tuning's update is far from low rank).")
+
+
+def _sweep_applies(inputs: Inputs) -> str | None:
+    if not inputs.labels:
+        return "no run is chosen"
+    return None if _common_modules(inputs, {}) else "the chosen runs share no module (different models)"
+
+
+SPECTRA_SWEEP = Analysis(
+    name="spectra_sweep", title="LoRA ranks versus full fine-tuning", group="spectra", page="spectra",
+    question="Does one module's ΔW need more directions under full fine-tuning than the LoRA ranks allow?",
+    compute=_spectra_sweep, text=_spectra_sweep_text,
+    figures=lambda sweep, p: [plots.plot_rank_sweep_spectra(
+        sweep, normalized=p["normalized"], title=f"Spectra across ranks versus full fine-tuning: {p['module']}")],
+    params=(Param("module", _largest_module, "the module compared (default: the largest ‖ΔW‖_F in any run)",
+                  "Module", options=_common_modules),
+            Param("normalized", True, "divide each spectrum by its σ₁", "Normalise by σ₁")),
+    applies=_sweep_applies)
+
+
+# ---- spectra of one run -------------------------------------------------------------------------------------
+
+SPECTRA_TABLE_COLUMNS = ["name", "kind", "shape", "rank", "scaling", "fro_norm", "spectral_norm", "stable_rank",
+                         "effective_rank", "rank_90", "rank_99", "numerical_rank"]
+HEATMAP_METRICS = ("effective_rank", "stable_rank", "rank_90", "fro_norm")
+
+SPECTRA = Analysis(
+    name="spectra", title="Singular spectra of ΔW", group="spectra", page="spectra",
+    question="What did each module learn: the singular values of ΔW, how fast their energy accumulates, and "
+             "its stable and effective rank by layer?",
+    compute=lambda inputs, p: inputs.spectra(p["run"]),
+    figures=lambda s, p: [plots.plot_singular_values(s, normalized=p["normalized"]), plots.plot_cumulative_energy(s),
+                          plots.plot_rank_heatmap(s, p["heatmap"])],
+    tables=lambda s, p: [("Per-module metrics", s[[c for c in SPECTRA_TABLE_COLUMNS if c in s.columns]])],
+    text=lambda s, p: (f"{len(s)} modules; ΔW = scaling·B·A for LoRA (spectra computed factored), W_ft − W0 for "
+                       "full fine-tuning; rank_90/rank_99: directions holding 90%/99% of Σσ²."),
+    params=(Param("run", _first(_labels), "the run (or adapter) shown", "Run", options=_labels),
+            Param("normalized", False, "divide each spectrum by its σ₁", "Normalise each spectrum by σ₁"),
+            Param("heatmap", "effective_rank", "per-module metric of the heatmap", "Heatmap metric",
+                  options=HEATMAP_METRICS)),
+    applies=_needs_subjects, each="run")
+
+
+# ---- rank advice --------------------------------------------------------------------------------------------
+
+@dataclass
+class RankAdvice:
+    advice: pd.DataFrame    # rank_advice: one row per module
+    config: dict            # PEFT LoraConfig keyword arguments
+
+
+def _rank_advice(inputs: Inputs, p: dict) -> RankAdvice:
+    advice = rank_advice.rank_advice(inputs.updates(p["run"]), energy=p["energy"], max_rank=p["max_rank"])
+    return RankAdvice(advice, rank_advice.peft_config_from_advice(advice, alpha_mode=p["alpha_mode"],
+                                                                  ratio=p["ratio"]))
+
+
+RANK_ADVICE = Analysis(
+    name="rank_advice", title="Rank advice", group="spectra", page="spectra",
+    question="Which rank does each module need to keep a chosen share of ΔW's energy, as a PEFT LoraConfig?",
+    compute=_rank_advice, figures=lambda v, p: [],
+    tables=lambda v, p: [("Advised rank per module", v.advice)],
+    code=lambda v, p: rank_advice.peft_config_snippet(v.config),
+    params=(Param("run", _first(_labels), "the run (or adapter) advised", "Run", options=_labels),
+            Param("energy", 0.9, "share of ΔW's energy Σσ² the advised rank keeps",
+                  "Keep this share of ΔW's energy (Σσ²)", low=0.5, high=0.999),
+            Param("max_rank", 64, "largest rank advised", "Largest rank", low=1, high=4096),
+            Param("alpha_mode", "ratio", "ratio: α = ratio·r for every module (same scaling); fixed: one α for all",
+                  "Alpha", options=("ratio", "fixed")),
+            Param("ratio", 2.0, "α / r", "α / r", low=0.0)),
+    applies=_needs_subjects, each="run")
+
+
+# ---- subspace similarity --------------------------------------------------------------------------------------
+
+SIDES = {"A": "A matrices (paper, §7.2)", "input": "ΔW input directions (V)", "output": "ΔW output directions (U)"}
+
+
+def _by_rank(inputs: Inputs) -> list[str]:
+    return sorted((lb for lb in inputs.labels if inputs.kind(lb) == "lora"), key=lambda lb: inputs.rank(lb) or 0)
+
+
+def _default_first(inputs: Inputs, chosen: dict) -> str:
+    # the paper compares r=8 with r=64: the highest rank first
+    ranked = _by_rank(inputs)
+    return ranked[-1] if ranked else inputs.labels[0]
+
+
+def _default_second(inputs: Inputs, chosen: dict) -> str:
+    # the next highest rank of the same model: runs of different models share no module
+    first = chosen["first"]
+    same = [lb for lb in inputs.labels if lb != first and inputs.model(lb) == inputs.model(first)]
+    ranked = [lb for lb in reversed(_by_rank(inputs)) if lb in same]
+    return (ranked or same or [lb for lb in inputs.labels if lb != first] or [first])[0]
+
+
+def _sides(inputs: Inputs, chosen: dict) -> list[str]:
+    both_lora = inputs.kind(chosen["first"]) == "lora" and inputs.kind(chosen["second"]) == "lora"
+    return list(SIDES) if both_lora else ["input", "output"]
+
+
+def _shared_modules(inputs: Inputs, chosen: dict) -> list[str]:
+    second = inputs.updates(chosen["second"])
+    common = [n for n in inputs.updates(chosen["first"]) if n in second]
+    if not common:
+        raise ValueError("the two adapters share no adapted module: nothing to compare")
+    return common
+
+
+@dataclass
+class Similarity:
+    results: dict                 # {module: SimilarityResult}
+    summary: pd.DataFrame         # similarity_summary_frame
+
+
+def _similarity(inputs: Inputs, p: dict) -> Similarity:
+    results = similarity.adapter_similarity(inputs.updates(p["first"]), inputs.updates(p["second"]), p["side"])
+    return Similarity(results, similarity.similarity_summary_frame(results))
+
+
+def _similarity_figures(v: Similarity, p: dict) -> list[go.Figure]:
+    r = v.results[p["module"]]
+    return [plots.plot_similarity_heatmap(r.phi, r.d, title=f"Subspace similarity φ(i, j): {p['module']}, "
+                                          f"{SIDES[p['side']]}", x_label=f"j ({p['second']})",
+                                          y_label=f"i ({p['first']})")]
+
+
+SIMILARITY = Analysis(
+    name="similarity", title="Subspace similarity φ", group="subspaces", page="subspaces",
+    question="Do two runs learn the same directions? φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j): 1 when the "
+             "top-i directions of one lie in the top-j of the other, about max(i, j)/d for random subspaces "
+             "(Hu et al. 2021, Eq. 4).",
+    compute=_similarity, figures=_similarity_figures,
+    tables=lambda v, p: [(f"φ summary, {p['first']} versus {p['second']}", v.summary)],
+    params=(Param("first", _default_first, "first run (default: the highest LoRA rank)", "First run",
+                  options=_labels),
+            Param("second", _default_second, "second run (default: the next highest rank of the same model)",
+                  "Second run", options=_labels),
+            Param("side", _first(_sides), "which directions are compared", "Directions", options=_sides,
+                  names=SIDES),
+            Param("module", _first(_shared_modules), "module of the heatmap", "Module", options=_shared_modules)),
+    applies=lambda inputs: None if len(inputs.labels) >= 2 else "it compares two runs: choose at least two")
+
+
+# ---- ΔW versus W0 ---------------------------------------------------------------------------------------------
+
+def _run_modules(inputs: Inputs, chosen: dict) -> list[str]:
+    return list(inputs.updates(chosen["run"]))
+
+
+BASE_OVERLAP = Analysis(
+    name="base_overlap", title="ΔW versus W0", group="subspaces", page="subspaces",
+    question="How much of ΔW's top directions lie in W0's own top directions?",
+    compute=lambda inputs, p: similarity.base_overlap(inputs.updates(p["run"])[p["module"]]),
+    figures=lambda v, p: [plots.plot_base_overlap(v, title=f"How much ΔW's top directions lie in W0's: "
+                                                            f"{p['module']}")],
+    params=(Param("run", _first(_with_w0), "run compared with its base weights", "Run", options=_with_w0),
+            Param("module", _first(_run_modules), "module compared", "Module", options=_run_modules)),
+    applies=_needs_w0("ΔW versus W0"), each="run")
+
+AMPLIFICATION = Analysis(
+    name="amplification", title="Amplification (LoRA paper, Table 7)", group="subspaces", page="subspaces",
+    question="Does ΔW amplify directions W0 barely uses? ‖ΔW‖_F / ‖Uᵀ W0 V‖_F with U, V ΔW's top-r directions "
+             "(Hu et al. 2021, §7.3: about 21.5 at r=4 for GPT-3's layer-48 Wq).",
+    compute=lambda inputs, p: amplification.amplification_frame(inputs.updates(p["run"]), seed=p["seed"]),
+    figures=lambda amp, p: [plots.plot_amplification(amp), plots.plot_amplification_table(amp)],
+    params=(Param("run", _first(_with_w0), "run compared with its base weights", "Run", options=_with_w0),
+            Param("seed", 0, "seed of the random directions (Table 7's random row)", "Seed", low=0)),
+    applies=_needs_w0("amplification"), each="run")
+
+
+# ---- intruder dimensions ----------------------------------------------------------------------------------------
+
+EPSILONS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+@dataclass
+class Intruders:
+    sweep: pd.DataFrame      # label, name, kind, k, epsilon, intruders: one row per run, module and ε
+    modules: pd.DataFrame    # label + intruders_frame columns, at the chosen ε
+    skipped: list[str]       # labels without W0
+
+
+def _intruders(inputs: Inputs, p: dict) -> Intruders:
+    k, eps = p["k"], p["epsilon"]
+    sweep, modules, skipped = [], [], []
+    for label in inputs.labels:
+        if not inputs.has_w0(label):
+            skipped.append(label)
+            continue
+        for u in inputs.updates(label).values():
+            res = intruders.intruder_dimensions(u, k, eps)    # one SVD per module serves every ε
+            sweep += [{"label": label, "name": u.name, "kind": u.kind, "k": k, "epsilon": e,
+                       "intruders": int(np.sum(res.max_cos < e))} for e in EPSILONS]
+            modules.append({"label": label, "name": res.name, "kind": res.kind, "k": res.k, "epsilon": res.epsilon,
+                            "intruders": res.count, "intruder_indices": res.intruders,
+                            "min_max_cos": float(res.max_cos.min()) if res.k else float("nan")})
+    return Intruders(pd.DataFrame(sweep, columns=["label", "name", "kind", "k", "epsilon", "intruders"]),
+                     pd.DataFrame(modules, columns=["label", "name", "kind", "k", "epsilon", "intruders",
+                                                    "intruder_indices", "min_max_cos"]), skipped)
+
+
+def _intruders_tables(v: Intruders, p: dict) -> list:
+    column = f"intruders at ε={p['epsilon']:g}, k={p['k']}"
+    totals = v.modules.groupby("label", as_index=False, sort=False)["intruders"].sum()
+    return [("Intruders per run", totals.rename(columns={"intruders": column})),
+            ("Intruders per module", v.modules.drop(columns=["intruder_indices"]))]
+
+
+INTRUDERS = Analysis(
+    name="intruders", title="Intruder dimensions", group="subspaces", page="subspaces",
+    question="Does fine-tuning create new top singular directions unlike any of W0's? Top-k singular vectors of "
+             "W0 + ΔW whose largest |cosine| with every singular vector of W0 is below ε (Shuttleworth et al. "
+             "2024); low-rank LoRA tends to create them, full fine-tuning rarely.",
+    compute=_intruders, tables=_intruders_tables,
+    figures=lambda v, p: [plots.plot_intruders_vs_epsilon(v.sweep, p["k"])],
+    text=lambda v, p: (f"Skipped (no base weights W0): {', '.join(v.skipped)}." if v.skipped else ""),
+    params=(Param("k", intruders.DEFAULT_K, "how many top singular vectors of W0 + ΔW are tested",
+                  "k (top singular vectors checked)", low=1),
+            Param("epsilon", intruders.DEFAULT_EPSILON, "cosine threshold of the tables (the chart sweeps ε)",
+                  "ε (cosine threshold)", low=0.0, high=1.0)),
+    applies=_needs_w0("intruder dimensions"))
+
+
+# ---- merge equivalence ------------------------------------------------------------------------------------------
+
+def _lora_runs(inputs: Inputs, chosen: dict) -> list[str]:
+    return [run_label(r) for r in inputs.runs if r.method == "lora"]
+
+
+@dataclass
+class Merge:
+    check: Any                      # merge_check.MergeCheck
+    latency: pd.DataFrame           # latency_check
+    task: pd.DataFrame              # one row per variant: frozen base, LoRA (unmerged), LoRA (merged), full FT
+    full: str | None                # label of the full fine-tuning run compared, if any
+
+
+def full_run_for(run: runstore.Run, runs: Sequence[runstore.Run]) -> runstore.Run | None:
+    """The full fine-tuning run to compare a LoRA run with: same model and data, same sweep if there is one."""
+    fulls = [r for r in runs if r.method == "full" and r.model == run.model
+             and r.config.get("data") == run.config.get("data")]
+    return next((r for r in fulls if r.sweep_id == run.sweep_id), fulls[0] if fulls else None)
+
+
+def _merge(inputs: Inputs, p: dict) -> Merge:
+    import copy
+
+    from ..lora import merge_and_unload
+    from .merge_check import latency_check, merge_check
+
+    restored = inputs.restored(p["run"])
+    check = merge_check(restored.model, restored.held_out_inputs())
+    latency = latency_check(restored.model, restored.held_out_inputs(), repeats=p["repeats"])
+    rows = [{"variant": "frozen base", **restored.metric(restored.base_model())},
+            {"variant": "LoRA (unmerged)", **restored.metric(restored.model)},
+            {"variant": "LoRA (merged)", **restored.metric(merge_and_unload(copy.deepcopy(restored.model)))}]
+    full = full_run_for(inputs.run(p["run"]), inputs.runs)
+    if full is not None:
+        other = inputs.restored(run_label(full))
+        rows.append({"variant": "full fine-tuning", **other.metric(other.model)})
+    return Merge(check, latency, pd.DataFrame(rows), run_label(full) if full is not None else None)
+
+
+def _merge_figures(v: Merge, p: dict) -> list[go.Figure]:
+    metric = "val_accuracy" if "val_accuracy" in v.task.columns else "val_perplexity"
+    return [plots.plot_merge_errors(v.check.errors, p["reference"]), plots.plot_latency(v.latency),
+            training_plots.plot_task_metrics(v.task, metric)]
+
+
+def _merge_text(v: Merge, p: dict) -> str:
+    from .merge_check import merge_verdict
+
+    verdict = merge_verdict(v.check.errors).text.replace("**", "")     # plain prose for page and report alike
+    skipped = "".join(f" {d} was skipped on this machine: {why}." for d, why in v.check.skipped.items())
+    full = "" if v.full else " No full fine-tuning run of this model is among the chosen runs."
+    return f"{verdict}{skipped}{full}"
+
+
+MERGE = Analysis(
+    name="merge", title="Merge equivalence", group="merge", page="merge",
+    question="Is the merged model the same model? Output drift of merging per dtype, the unmerge round trip, "
+             "forward latency, and the task metric of base, LoRA and full fine-tuning.",
+    compute=_merge, figures=_merge_figures, text=_merge_text,
+    tables=lambda v, p: [("Setups checked: base weights · LoRA factors, and who runs each", v.check.setups),
+                         ("Merge errors", v.check.errors), ("Unmerge round trip", v.check.roundtrip),
+                         ("Parameters before and after merge_and_unload", v.check.params), ("Task metric", v.task)],
+    params=(Param("run", _first(_lora_runs), "LoRA run whose model is merged", "LoRA run", options=_lora_runs),
+            Param("reference", "same dtype", "same dtype: what merging itself changes; fp32: total drift from the "
+                  "exact model", "Compare with", options=("same dtype", "fp32")),
+            Param("repeats", 30, "timed forward passes per variant", "Repeats", low=1, high=1000)),
+    applies=lambda inputs: None if _lora_runs(inputs, {}) else "it rebuilds a LoRA run's model: choose a LoRA run "
+                                                              "of the run store")
+
+
+# ---- the registry -------------------------------------------------------------------------------------------------
+
+ANALYSES = Registry([TRAINING, RANK_ALPHA, SPECTRA_SWEEP, SPECTRA, RANK_ADVICE, SIMILARITY, BASE_OVERLAP,
+                     AMPLIFICATION, INTRUDERS, MERGE])
+
+
+def register(analysis: Analysis) -> Analysis:
+    """Add ``analysis`` to the default registry (the report and the CLI show it from then on)."""
+    return ANALYSES.register(analysis)
+
+
+def get(name: str) -> Analysis:
+    return ANALYSES.get(name)
+
