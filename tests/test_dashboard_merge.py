@@ -1,7 +1,7 @@
 """The Merge page (AppTest): it says which setup each number is (what this library and PEFT actually run),
 and its verdict follows PEFT's element-wise rule, allclose(atol=rtol=1e-4), never the text alone.
 
-A small store of its own: one mlp-digits LoRA run (the base cache is the session's).
+A small store of its own: two mlp-digits LoRA runs, r=2 and r=4 (the base cache is the session's).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def store(tmp_path_factory, _shared_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_ANALYSIS_HOME", str(home))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        result = run_sweep(sweep_settings(model="mlp-digits", ranks=[4], alphas=[16], full_ft=False, steps=10,
+        result = run_sweep(sweep_settings(model="mlp-digits", ranks=[2, 4], alphas=[16], full_ft=False, steps=10,
                                           pretrain_steps=60))
     assert all(r.status == "completed" for r in result.results)
     return home

@@ -4,18 +4,21 @@ import hashlib
 
 import streamlit as st
 
+from dashboard.analyses import widget
 from dashboard.common import MAX_UPLOAD_BYTES, chart, guarded
 from dashboard.jobs_ui import job_panel
 from dashboard.runs import all_runs, clear_caches, run_label
 from lora_analysis import jobs, runstore
+from lora_analysis.analysis import registry
+from lora_analysis.analysis.registry import Inputs
 from lora_analysis.paths import home_dir
-from lora_analysis.plots.training import plot_loss_curves
 from lora_analysis.store.files import atomic_write_bytes
 from lora_analysis.training.config import SweepSpec, field_help
 from lora_analysis.training.models import BUILTIN_MODELS
 
 HF_CHOICE = "Hugging Face model (folder or hub id)"
 RANK_CHOICES = [1, 2, 4, 8, 16, 32, 64, 128]
+LOSS = registry.get("loss_curves")      # the loss curves the report shows too
 
 
 def save_upload(upload) -> str:
@@ -134,18 +137,22 @@ def page() -> None:
     chosen = st.multiselect("Compare runs", list(labels), default=default, key="ft_compare")
     if chosen:
         selected = [labels[k] for k in chosen]
-        metrics = runstore.load_metrics(selected)
-        if len(metrics):
-            left, right = st.columns(2)
-            with left, guarded("drawing the loss curves"):
-                chart(plot_loss_curves(metrics, "train_loss", smooth=5, log_y=True))
-            with right, guarded("drawing the validation curves"):
-                chart(plot_loss_curves(metrics, "val_loss", title="Validation loss", log_y=True))
-        finals = runstore.runs_frame(runs=selected)
-        cols = [c for c in ["name", "status", "val_accuracy", "val_perplexity", "val_loss", "base_val_accuracy",
-                            "base_val_perplexity", "trainable_params", "training_state_bytes", "samples_per_s",
-                            "train_seconds", "device"] if c in finals.columns]
-        st.dataframe(finals[cols], hide_index=True, width="stretch")
+        with guarded("drawing the loss curves") as g:
+            inputs = Inputs.from_runs(selected)
+            params = {}
+            widget(LOSS, "smooth", inputs, params, "ft_smooth", kind="number", max_value=1000)
+            # the registered analysis, uncached: a running run's curves grow between reruns
+            curves = LOSS.run(inputs, **params)
+        if not g.failed:
+            if len(curves.value.metrics):
+                for i, (column, fig) in enumerate(zip(st.columns(2), curves.figures)):
+                    with column:
+                        chart(fig, key=f"ft_curve{i}")
+            finals = curves.value.runs
+            cols = [c for c in ["name", "status", "val_accuracy", "val_perplexity", "val_loss", "base_val_accuracy",
+                                "base_val_perplexity", "trainable_params", "training_state_bytes", "samples_per_s",
+                                "train_seconds", "device"] if c in finals.columns]
+            st.dataframe(finals[cols], hide_index=True, width="stretch")
         with st.expander("Delete runs"):
             st.warning("Deleting removes the chosen runs' folders from the run store.")
             if st.button(f"Delete the {len(selected)} chosen runs", key="ft_delete"):

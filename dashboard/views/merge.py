@@ -1,57 +1,26 @@
-"""Merge equivalence: is the merged model the same model? Errors per dtype, latency, task metric."""
-
-import copy
+"""Merge equivalence: is the merged model the same model? Errors per dtype, latency, task metric (the
+registered analysis ``merge``: the report shows the same)."""
 
 import pandas as pd
 import streamlit as st
 
+from dashboard.analyses import inputs_for, result, widget
 from dashboard.common import chart, guarded
-from dashboard.runs import all_runs, completed, empty_store_message, run_label, stamp
-from lora_analysis import runstore
-from lora_analysis.analysis.merge_check import latency_check, merge_check, merge_verdict
-from lora_analysis.lora import merge_and_unload
-from lora_analysis.plots.analysis import plot_latency, plot_merge_errors
-from lora_analysis.plots.training import plot_task_metrics
-from lora_analysis.training.restore import restore_run
+from dashboard.runs import all_runs, completed, empty_store_message
+from lora_analysis.analysis import registry
+from lora_analysis.analysis.merge_check import merge_verdict
 
-
-@st.cache_resource(max_entries=8, show_spinner="Rebuilding the run's model…")
-def restored(run_dir: str, version: float):
-    # shared read-only: every analysis below works on deep copies
-    return restore_run(runstore.read_run(run_dir))
-
-
-@st.cache_data(max_entries=16, show_spinner="Comparing merged and unmerged outputs in float32, bfloat16, float16…")
-def merge_report(run_dir: str, version: float):
-    r = restored(run_dir, version)
-    check = merge_check(r.model, r.held_out_inputs())
-    return check.errors, check.roundtrip, check.params, check.skipped, check.setups
-
-
-@st.cache_data(max_entries=16, show_spinner="Timing base, unmerged and merged forwards…")
-def latency_report(run_dir: str, version: float, repeats: int) -> pd.DataFrame:
-    r = restored(run_dir, version)
-    return latency_check(r.model, r.held_out_inputs(), repeats=repeats)
-
-
-@st.cache_data(max_entries=16, show_spinner="Evaluating base, LoRA and full fine-tuning…")
-def task_report(run_dir: str, version: float, full_dir: str | None, full_version: float) -> pd.DataFrame:
-    r = restored(run_dir, version)
-    rows = [{"variant": "frozen base", **r.metric(r.base_model())},
-            {"variant": "LoRA (unmerged)", **r.metric(r.model)},
-            {"variant": "LoRA (merged)", **r.metric(merge_and_unload(copy.deepcopy(r.model)))}]
-    if full_dir:
-        full = restored(full_dir, full_version)
-        rows.append({"variant": "full fine-tuning", **full.metric(full.model)})
-    return pd.DataFrame(rows)
+MERGE = registry.get("merge")
+# parameters that only change how the result is drawn: the computation is cached without them
+DRAWING = ("reference",)
 
 
 def verdict(errors: pd.DataFrame, latency: pd.DataFrame) -> tuple[bool, str]:
     """The library's verdict (computed from the numbers: PEFT's element-wise allclose) and the CPU speed."""
-    result = merge_verdict(errors)
+    found = merge_verdict(errors)
     cpu = latency[latency["device"] == "cpu"].set_index("variant")["relative"]
-    return result.same, (f"{result.text} The merged model runs at {cpu.get('merged', float('nan')):.2f}× the base "
-                         f"model's CPU time; unmerged LoRA at {cpu.get('unmerged', float('nan')):.2f}×.")
+    return found.same, (f"{found.text} The merged model runs at {cpu.get('merged', float('nan')):.2f}× the base "
+                        f"model's CPU time; unmerged LoRA at {cpu.get('unmerged', float('nan')):.2f}×.")
 
 
 def page() -> None:
@@ -62,51 +31,50 @@ def page() -> None:
                "LoRA factors on the low-precision base (PEFT's default, and this library), and factors in the "
                "base's dtype (PEFT's autocast_adapter_dtype=False). Here is how much, on this run's held-out "
                "inputs; \"agree\" means PEFT's element-wise allclose(atol=rtol=1e-4).")
-    runs = completed(all_runs())
-    lora_runs = [r for r in runs if r.method == "lora"]
-    if not lora_runs:
+    inputs = inputs_for(completed(all_runs()))
+    if MERGE.skip_reason(inputs):
         empty_store_message()
         return
-    labels = {run_label(r): r for r in lora_runs}
-    run = labels[st.selectbox("LoRA run", list(labels), key="merge_run")]
-    fulls = [r for r in runs if r.method == "full" and r.model == run.model and r.config.get("data") == run.config.get("data")]
-    full = next((r for r in fulls if r.sweep_id == run.sweep_id), fulls[0] if fulls else None)
+    chosen: dict = {}
+    widget(MERGE, "run", inputs, chosen, "merge_run")
+    head = st.container()        # the verdict goes above the charts, once the check has run
+    left, right = st.columns(2)
+    widget(MERGE, "reference", inputs, chosen, "merge_ref", container=left, kind="radio")
 
     with guarded("checking the merge") as g:
-        errors, roundtrip, params, skipped, setups = merge_report(str(run.dir), stamp(run))
-        latency = latency_report(str(run.dir), stamp(run), 30)
+        res = result(MERGE, inputs, {k: v for k, v in chosen.items() if k not in DRAWING})
+        params = {**res.params, **chosen}
+        figures = MERGE.figures(res.value, params)     # the registered figures, at the reference chosen
+        st.session_state[f"params:{MERGE.name}"] = params
     if g.failed:
         return
-    same, text = verdict(errors, latency)
-    (st.success if same else st.warning)(text, icon=":material/check_circle:" if same else ":material/warning:")
-    for dtype, reason in skipped.items():
-        st.warning(f"{dtype} was skipped on this machine: {reason}")
-    st.markdown("**Setups checked**: base weights · LoRA factors, and who runs each")
-    st.dataframe(setups, hide_index=True, width="stretch")
-    left, right = st.columns(2)
+    check, merge = res.value.check, res.value
+    same, text = verdict(check.errors, merge.latency)
+    with head:
+        (st.success if same else st.warning)(text, icon=":material/check_circle:" if same else ":material/warning:")
+        for dtype, reason in check.skipped.items():
+            st.warning(f"{dtype} was skipped on this machine: {reason}")
+        st.markdown("**Setups checked**: base weights · LoRA factors, and who runs each")
+        st.dataframe(check.setups, hide_index=True, width="stretch")
+    errors_fig, latency_fig, task_fig = figures
     with left:
-        reference = st.radio("Compare with", ["same dtype", "fp32"], horizontal=True, key="merge_ref",
-                             help="same dtype: what merging itself changes; fp32: total drift from the exact model")
-        chart(plot_merge_errors(errors, reference), key="merge_errors")
+        chart(errors_fig, key="merge_errors")
     with right:
-        chart(plot_latency(latency), key="merge_latency")
+        chart(latency_fig, key="merge_latency")
     st.markdown("**Unmerge round trip**: max |W − unmerge(merge(W))| per dtype, float32 factors")
-    st.dataframe(roundtrip, hide_index=True, width="stretch")
+    st.dataframe(check.roundtrip, hide_index=True, width="stretch")
     st.markdown("**Parameters before and after merge_and_unload**")
-    st.dataframe(params, hide_index=True)
+    st.dataframe(check.params, hide_index=True)
 
     st.subheader("Task metric: base, LoRA and full fine-tuning")
-    with guarded("evaluating the models"):
-        table = task_report(str(run.dir), stamp(run), str(full.dir) if full else None, stamp(full))
-        metric = "val_accuracy" if "val_accuracy" in table.columns else "val_perplexity"
-        left, right = st.columns([3, 2])
-        with left:
-            chart(plot_task_metrics(table, metric), key="merge_task")
-        right.dataframe(table, hide_index=True)
-        if not full:
-            right.caption("No full fine-tuning run of this model in the store: run one on Fine-tune.")
+    left, right = st.columns([3, 2])
+    with left:
+        chart(task_fig, key="merge_task")
+    right.dataframe(merge.task, hide_index=True)
+    if not merge.full:
+        right.caption("No full fine-tuning run of this model in the store: run one on Fine-tune.")
     with st.expander("All merge errors"):
-        st.dataframe(errors, hide_index=True, width="stretch")
+        st.dataframe(check.errors, hide_index=True, width="stretch")
 
 
 page()
