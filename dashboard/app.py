@@ -1,5 +1,10 @@
-"""lora-analysis dashboard: a router only. Run with ``streamlit run dashboard/app.py``."""
+"""lora-analysis dashboard: a router only. Run with ``lora-analysis dashboard`` or, from the repository
+folder, ``streamlit run dashboard/app.py`` (its ``.streamlit/config.toml`` keeps the server on 127.0.0.1).
 
+A server listening beyond this machine (Streamlit's default, when started elsewhere without that config)
+is refused a page unless exposing was asked for (``--expose`` / ``LORA_ANALYSIS_EXPOSE=1``)."""
+
+import os
 import sys
 from pathlib import Path
 
@@ -9,10 +14,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import streamlit as st  # noqa: E402
+from streamlit import runtime  # noqa: E402
+
+from lora_analysis.cli.dashboard import exposure_refusal, warn_exposed_once  # noqa: E402
 
 PAGES = Path(__file__).parent / "views"  # not "pages/": that name switches Streamlit to legacy multipage mode
 
 st.set_page_config(page_title="lora-analysis", page_icon=":material/blur_linear:", layout="wide")
+
+if type(runtime.get_instance()) is runtime.Runtime:     # a real server (AppTest runs the app without one)
+    address = st.get_option("server.address")
+    refusal = exposure_refusal(address, os.environ)
+    if refusal:
+        st.error(refusal, icon=":material/lock:")
+        st.stop()
+    warn_exposed_once(address, st.get_option("server.port"))
 
 navigation = st.navigation([
     st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import chart, fmt_bytes, guarded, read_json_upload
+from dashboard.common import MAX_JSON_BYTES, chart, fmt_bytes, guarded, read_json_upload
 from lora_analysis import params as P
 from lora_analysis import runstore
 from lora_analysis.training.restore import task_for_run
@@ -67,7 +67,8 @@ def page() -> None:
         run_rank = int(run.config["rank"]) if run.method == "lora" and run.config.get("rank") else None
         default_targets = None if targets in (None, "all-linear") or isinstance(targets, str) else list(targets)
     else:
-        upload = st.file_uploader("config.json of any Hugging Face model", type=["json"], key="params_config")
+        upload = st.file_uploader("config.json of any Hugging Face model", type=["json"], key="params_config",
+                                  max_upload_size=MAX_JSON_BYTES // 2**20)
         if upload is None:
             st.info("Upload a config.json (JSON only) to count its parameters.")
             return

@@ -1,7 +1,10 @@
-"""``python -m lora_analysis``: a thin command line over the library.
+"""``lora-analysis`` (or ``python -m lora_analysis``): a thin command line over the library.
 
-Each sub-command lives in its own module of this package with ``register(subparsers)``; a module adds
-its parser and sets ``func`` to a function taking the parsed args and returning an exit code.
+Each sub-command lives in a module of this package with ``register(subparsers)``; a module adds its
+parsers and sets ``func`` to a function taking the parsed args and returning an exit code. ``COMMANDS``
+names each command's module and its one-line help, so the top-level parser (and ``--help``) is built
+without importing any command module: only the chosen command's module is imported, and with it torch,
+pandas or transformers when that command needs them.
 
 User errors are printed as one line, ``error: ...``, exit code 2: a ``ValueError`` (the library's way of
 saying "this value is not allowed, here is what is"), and an ``OSError`` about a file named on the
@@ -16,16 +19,110 @@ import os
 import sys
 from pathlib import Path
 
-# One entry per sub-command module in this package.
-COMMANDS = ("params", "train", "spectra", "report")
+# command -> (module of this package that registers it, its one-line help). A module registering a
+# command takes its help from here (``help_for``); the test suite checks both agree.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("params", "count trainable parameters of LoRA versus full fine-tuning"),
+    "train": ("train", "fine-tune one model with LoRA or fully, into the run store"),
+    "sweep": ("train", "many LoRA runs (ranks × alphas × scaling × targets) plus full FT"),
+    "runs": ("train", "list, show, delete, export or import runs of the run store"),
+    "spectra": ("spectra", "singular spectra, ranks and (with --base) amplification and intruders of an "
+                           "adapter's ΔW"),
+    "similarity": ("spectra", "subspace similarity φ between two adapters (LoRA paper Eq. 4)"),
+    "report": ("report", "write a self-contained HTML report of runs"),
+    "dashboard": ("dashboard", "start the Streamlit dashboard (on this machine only, unless --expose)"),
+}
+
+# Examples shown under ``--help`` of commands whose module does not set its own ``epilog``.
+# (train and runs live in cli/train.py; these move there when that module sets them itself.)
+EXAMPLES = {
+    "train": """\
+examples:
+  %(prog)s --model mlp-digits --rank 4 --alpha 16
+      LoRA at rank 4 on the built-in digits MLP (seconds on a CPU); the run lands in the run store
+  %(prog)s --model mlp-digits --method full --steps 300 --name full-ft
+      full fine-tuning of the same base, for comparison
+  %(prog)s --model tiny-gpt --rank 8 --targets q_proj,k_proj,v_proj --json
+      the small built-in language model, LoRA on three attention projections; metrics as JSON""",
+    "runs": """\
+examples:
+  %(prog)s list
+      one line per run in the run store (the default action)
+  %(prog)s show 20260130-1201
+      a run's record and metrics (an id or a unique prefix of one)
+  %(prog)s export 20260130-1201 --to shared/
+      write the run as one zip to share; the recipient runs: %(prog)s import shared/RUN_ID.zip
+  %(prog)s delete 20260130-1201""",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_analysis",
-                                     description="Measure what LoRA does: parameters, training, spectra.")
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that a line of a description or epilog that starts with a space
+    (an example command, its explanation) is kept as written; other lines are filled as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if not line or line.startswith(" ") else
+                         super(HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser using :class:`HelpFormatter`; sub-parsers are of this class too, so every
+    command's examples keep their layout."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def help_for(command: str) -> str:
+    """The one-line help of ``command`` (what ``--help`` of the top level lists)."""
+    return COMMANDS[command][1]
+
+
+def _prog() -> str:
+    """``lora-analysis`` for the console script, ``python -m lora_analysis`` for the module."""
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m lora_analysis" if argv0 in ("__main__.py", "-m", "-c", "") else "lora-analysis"
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first argument that is not an option), or None."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. With ``argv``, only the module of the command it names is imported and
+    registers its full parser; the other commands get a placeholder with their help line (enough for the
+    top-level ``--help`` and for argparse to list the choices). Without ``argv``, every command's full
+    parser is built."""
+    from .. import __version__
+
+    parser = Parser(prog=_prog(), description="Measure what LoRA does: parameter savings, training, spectra, "
+                                              "subspaces, merges, reports, and a dashboard to see them.",
+                    epilog="examples:\n"
+                           "  %(prog)s params --preset llama-2-7b --rank 8\n"
+                           "  %(prog)s train --model mlp-digits --rank 4 --alpha 16\n"
+                           "  %(prog)s dashboard\n"
+                           "each command's --help says what it does, with examples")
+    parser.add_argument("--version", action="version", version=f"lora-analysis {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+    chosen = _chosen(argv) if argv is not None else None
+    modules = ({COMMANDS[chosen][0]} if chosen else set()) if argv is not None else \
+        {module for module, _ in COMMANDS.values()}
+    for name, (module, help_text) in COMMANDS.items():
+        if name in sub.choices:
+            continue
+        if module in modules:
+            importlib.import_module(f"{__name__}.{module}").register(sub)
+            for registered, command in sub.choices.items():
+                if command.epilog is None and registered in EXAMPLES:
+                    command.epilog = EXAMPLES[registered]
+        else:
+            sub.add_parser(name, help=help_text)      # a placeholder: never parses (another command was named)
     return parser
 
 
@@ -48,12 +145,15 @@ def _about_a_named_file(exc: OSError, argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:       # the reader went away (``... | head``): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         if not _about_a_named_file(exc, argv):
             raise

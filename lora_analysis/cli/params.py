@@ -7,15 +7,28 @@ import json
 
 import pandas as pd
 
+from . import help_for
 from ..lora.config import ALL_LINEAR, format_targets, parse_targets
 from ..params import (DEFAULT_TARGETS, PRESETS, adapter_file_size, build_from_config, build_preset,
                       estimate_training_memory, lora_parameter_count, matrix_count, parse_shape)
 
+EXAMPLES = """\
+examples:
+  %(prog)s --preset llama-2-7b --rank 8
+      LoRA on LLaMA-2-7B's q_proj and v_proj: per-module counts, the adapter file and training memory
+  %(prog)s --preset roberta-base --rank 16 --targets all-linear
+      every linear layer of RoBERTa-base at rank 16
+  %(prog)s --config path/to/model/config.json --rank 4 --json
+      any Hugging Face config.json (nothing is downloaded; no weights are read), as one JSON object
+  %(prog)s --shape 4096x4096 --rank 8
+      one 4096x4096 matrix: r*(d+k) values instead of d*k"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("params", help="count trainable parameters of LoRA versus full fine-tuning",
+    p = sub.add_parser("params", help=help_for("params"), epilog=EXAMPLES,
                        description="Count LoRA's trainable parameters for a preset architecture, any Hugging "
-                                   "Face config.json, or a single OUTxIN matrix.")
+                                   "Face config.json, or a single OUTxIN matrix, against full fine-tuning; "
+                                   "with the adapter's file size and the training memory of both.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="architecture by shape only (no download)")
     src.add_argument("--config", help="path to a Hugging Face config.json (or a directory holding one)")

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import argparse
 
-from .. import runstore
-from ..analysis.registry import ANALYSES
-from ..report import write_report
-from ..run_report import report_sections, run_configs
+from . import help_for
+
+EXAMPLES = """\
+examples:
+  %(prog)s --html report.html
+      every analysis of the newest sweep in the run store, one offline HTML file
+  %(prog)s 20260130-1201 20260130-1207 --parts training,spectra --html two-runs.html
+      two runs (ids or unique prefixes), training curves and spectra only
+  %(prog)s --runs-dir shared/runs --title "rank sweep, digits" --html sweep.html
+      the newest sweep of another run store, with a title"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write a self-contained HTML report of runs",
+    from ..analysis.registry import ANALYSES
+
+    p = sub.add_parser("report", help=help_for("report"), epilog=EXAMPLES,
                        description="Write one HTML file (plotly.js inlined, works offline) with every registered "
                                    "analysis of the chosen runs (training curves, spectra, subspaces, merge, "
                                    "...), at the dashboard's defaults.")
@@ -28,11 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated analyses or groups (default: all). Groups: "
                         f"{', '.join(ANALYSES.groups())}; analyses: {', '.join(ANALYSES.names())}")
     p.add_argument("--runs-dir", default=None, help="run store folder (default $LORA_ANALYSIS_HOME/runs)")
-    p.add_argument("--title", default="lora-analysis report")
+    p.add_argument("--title", default="lora-analysis report",
+                   help="the report's title (default: lora-analysis report)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import runstore
+    from ..report import write_report
+    from ..run_report import report_sections, run_configs
+
     if args.runs:
         runs = [runstore.load_run(r, args.runs_dir) for r in args.runs]
     else:

@@ -13,6 +13,7 @@ import sys
 
 import pandas as pd
 
+from . import help_for
 from ..analysis import registry
 from ..analysis.similarity import adapter_similarity, similarity_summary_frame
 from ..analysis.sources import load_updates
@@ -27,10 +28,24 @@ JSON_COLUMNS = ["name", "kind", "shape", "rank", "scaling", "singular_values", "
 TABLE_COLUMNS = ["name", "out_features", "in_features", "rank", "scaling", "fro_norm", "spectral_norm",
                  "stable_rank", "effective_rank", "rank_90", "rank_99"]
 
+SPECTRA_EXAMPLES = """\
+examples:
+  %(prog)s path/to/adapter
+      per-module singular values, norms and ranks of ΔW, from the adapter's two files alone
+  %(prog)s path/to/adapter --base path/to/base-model --html spectra.html
+      also amplification and intruder dimensions against the base weights W0, and an offline HTML report
+  %(prog)s ~/.local/share/lora-analysis/runs/RUN_ID/adapter --json
+      a run of the run store, as one JSON object (lora-analysis runs show RUN_ID prints its folder)"""
+SIMILARITY_EXAMPLES = """\
+examples:
+  %(prog)s runs/rank8/adapter runs/rank64/adapter
+      how much of rank 8's top directions rank 64 also learned (the LoRA paper's Figure 3)
+  %(prog)s adapter_seed0 adapter_seed1 --side output --json
+      two seeds of one setting, compared by ΔW's output directions, as JSON"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("spectra", help="singular spectra, ranks and (with --base) amplification and intruders "
-                                       "of an adapter's ΔW",
+    p = sub.add_parser("spectra", help=help_for("spectra"), epilog=SPECTRA_EXAMPLES,
                        description="Analyse a PEFT LoRA adapter directory: the singular spectrum of ΔW = s·B·A per "
                                    "module (computed factored, never dense), norms, stable/effective rank, "
                                    "rank for 90/99 percent energy; with --base also amplification (LoRA paper "
@@ -47,12 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"intruders: cosine threshold (default {DEFAULT_EPSILON})")
     p.set_defaults(func=run_spectra)
 
-    s = sub.add_parser("similarity", help="subspace similarity φ between two adapters (LoRA paper Eq. 4)",
+    s = sub.add_parser("similarity", help=help_for("similarity"), epilog=SIMILARITY_EXAMPLES,
                        description="φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j) per module both adapters share. "
                                    "Side A (default, as in the paper): right-singular vectors of the A matrices; "
                                    "input / output: ΔW's right / left singular vectors.")
-    s.add_argument("adapter_a")
-    s.add_argument("adapter_b")
+    s.add_argument("adapter_a", help="first adapter directory")
+    s.add_argument("adapter_b", help="second adapter directory")
     s.add_argument("--side", choices=("A", "input", "output"), default="A", help="which directions (default A)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.set_defaults(func=run_similarity)
