@@ -15,6 +15,7 @@ import streamlit as st
 
 from dashboard.common import chart
 from dashboard.runs import restored_for, spectra_frame_for, stamp, updates_for
+from dashboard.plain_text import plain
 from lora_analysis.analysis.registry import Analysis, Inputs, Param, Result
 
 
@@ -94,7 +95,7 @@ def widgets(entry: Analysis, inputs: Inputs, keys: Mapping[str, str] | None = No
 def show(res: Result, key: str, tables: bool = True) -> None:
     """A result as the report has it: prose, figures (one per row), then tables and code."""
     if res.text:
-        st.caption(res.text)
+        st.caption(plain(res.text))
     for i, fig in enumerate(res.figures):
         chart(fig, key=f"{key}_fig{i}")
     if tables:
@@ -103,7 +104,7 @@ def show(res: Result, key: str, tables: bool = True) -> None:
 
 def show_tables(res: Result) -> None:
     for caption, frame in res.tables:
-        st.markdown(f"**{caption}**")
+        st.markdown(f"**{plain(caption)}**")
         st.dataframe(frame, hide_index=True, width="stretch")
     if res.code:
         st.code(res.code, language="python")

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import plotly.graph_objects as go
 import streamlit as st
+from dashboard.plain_text import plain
 
 MAX_UPLOAD_BYTES = 200 * 2**20        # adapters bigger than this belong on the CLI
 MAX_JSON_BYTES = 2 * 2**20
@@ -28,7 +29,7 @@ def guarded(action: str = "this"):
         yield outcome
     except ValueError as exc:
         outcome.failed = True
-        st.error(f"Could not do {action}: {exc}", icon=":material/error:")
+        st.error(f"Could not do {action}: {plain(exc)}", icon=":material/error:")
     except Exception as exc:  # a bug of ours: shown with its traceback, never dressed up as a user error
         outcome.failed = True
         st.exception(exc)

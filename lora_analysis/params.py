@@ -3,12 +3,15 @@
 Counts are exact and come from real modules: presets are built from their architecture's shapes on
 PyTorch's ``meta`` device (no weights are allocated or downloaded), then ``apply_lora`` is applied as
 for a real model. Totals include the LoRA parameters, as PEFT's ``print_trainable_parameters`` does.
+A Hugging Face config is checked before anything is built: layer and expert counts are bounded
+(:data:`MAX_CONFIG_LAYERS`, :data:`MAX_CONFIG_EXPERTS`) and a config that builds no model is one ``ValueError``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -164,34 +167,93 @@ class GPT3Shapes(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
 
 
+# A config is a few bytes that say how much to build: ``num_hidden_layers: 5000`` in a 142-byte file would
+# build 5000 layers (minutes, even on the meta device: up to ~30 ms a layer for BERT). What is built is bounded
+# first (check_config_size), above the largest public models (Llama 3.1 405B: 126 layers; DeepSeek-V3: 256
+# routed experts a layer), so a config is built in a few seconds at most.
+MAX_CONFIG_LAYERS = 160
+MAX_CONFIG_EXPERTS = 512
+MAX_CONFIG_EXPERT_MODULES = 32768        # layers × experts
+_LAYER_KEYS = re.compile(r"layers$|^n_layer$|^(num|n)_blocks$")
+_EXPERT_KEYS = re.compile(r"experts$")
+# what transformers raises for a config whose values make no model (a wrong type, a negative size)
+try:
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _StrictError = ValueError
+_BAD_CONFIG = (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
+               RuntimeError, AssertionError, _StrictError)
+
+
+def check_config_size(config: dict, where: str = "") -> None:
+    """Raise ``ValueError`` when a config asks for more layers or experts than any real model has, or gives
+    a layer/expert count that is not a whole number (nested configs, e.g. ``text_config``, included)."""
+    layers = experts = 1
+    for key, value in config.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            check_config_size(value, f"{name}.")
+            continue
+        is_layers, is_experts = bool(_LAYER_KEYS.search(key)), bool(_EXPERT_KEYS.search(key))
+        if not (is_layers or is_experts) or value is None or isinstance(value, (list, tuple)):
+            continue            # a list names layers (e.g. mlp_only_layers), it does not count them
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"the config's {name}={value!r} is not allowed: it must be a whole number >= 0")
+        limit = MAX_CONFIG_LAYERS if is_layers else MAX_CONFIG_EXPERTS
+        if value > limit:
+            raise ValueError(f"the config's {name}={value} is not allowed: at most {limit} "
+                             f"{'layers' if is_layers else 'experts'} are counted (the largest public models "
+                             "have fewer)")
+        if is_layers:
+            layers = max(layers, value)
+        else:
+            experts = max(experts, value)
+    if layers * experts > MAX_CONFIG_EXPERT_MODULES:
+        raise ValueError(f"the config asks for {layers} layers of {experts} experts: at most "
+                         f"{MAX_CONFIG_EXPERT_MODULES} experts in all are counted")
+
+
 def _build_hf(config_dict: dict) -> nn.Module:
+    check_config_size(config_dict)          # before anything is imported or built
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - transformers is a runtime requirement
         raise ValueError("counting a Hugging Face config needs the 'transformers' package") from exc
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type", None)
-    if not model_type:
-        raise ValueError("the config has no 'model_type' key: is it a Hugging Face config.json?")
+    if not model_type or not isinstance(model_type, str):
+        raise ValueError("the config has no 'model_type' key (text): is it a Hugging Face config.json?")
     try:
         config = AutoConfig.for_model(model_type, **config_dict)
     except (ValueError, KeyError) as exc:
         raise ValueError(f"model_type={model_type!r} is not a Hugging Face architecture this transformers "
-                         f"version knows ({exc})") from exc
+                         f"version knows, or its config is not valid ({_one_line(exc)})") from None
+    except _BAD_CONFIG as exc:
+        raise ValueError(f"the {model_type} config is not valid: {_one_line(exc)}") from None
     import transformers
 
     # The class the config names (e.g. BertForSequenceClassification) when transformers has it; else a
     # causal LM for decoders and the bare model for encoders, which have no causal-LM head.
-    arch = next((a for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)), None)
-    with torch.device("meta"):
-        if arch is not None:
-            return getattr(transformers, arch)(config)
-        if model_type in ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
-            return AutoModel.from_config(config)
-        try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            return AutoModel.from_config(config)
+    architectures = getattr(config, "architectures", None)
+    architectures = architectures if isinstance(architectures, (list, tuple)) else []
+    arch = next((a for a in architectures if isinstance(a, str) and hasattr(transformers, a)), None)
+    try:
+        with torch.device("meta"):
+            if arch is not None:
+                return getattr(transformers, arch)(config)
+            if model_type in ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+                return AutoModel.from_config(config)
+            try:
+                return AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                return AutoModel.from_config(config)
+    except _BAD_CONFIG as exc:
+        raise ValueError(f"the {model_type} config does not build a model: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",

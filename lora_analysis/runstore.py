@@ -11,10 +11,12 @@ lives in the storage floor, which imports nothing above it:
 
 from __future__ import annotations
 
-from .store.bundles import ALLOWED_SUFFIXES, MAX_BUNDLE_BYTES, MAX_BUNDLE_FILES, export_run, import_run
+from .store.bundles import (ALLOWED_SUFFIXES, LIMITS, MAX_BUNDLE_BYTES, MAX_BUNDLE_FILES, BundleLimits, export_run,
+                            import_run)
 from .store.files import atomic_save_tensors, atomic_write, atomic_write_text
 from .store.liveness import is_alive, process_identity
-from .store.runs import (ADAPTER_DIR, BASE_REVISION_KEY, BASE_WEIGHTS, FORMAT_VERSION, FULL_MODEL, FULL_WEIGHTS,
+from .store.runs import (ADAPTER_DIR, BASE_REVISION_KEY, BASE_WEIGHTS, DAMAGED, FORMAT_VERSION, MAX_METRICS_READ_BYTES,
+                         RunRecord, read_metrics_csv, validate_record, FULL_MODEL, FULL_WEIGHTS,
                          HEARTBEAT_STALE_S, METRICS_FILE, RUN_FILE, STATUSES, Run, RunWriter, clean_leftovers,
                          create_run, delete_run, effective_status, environment, latest_sweep, list_runs,
                          load_metrics, load_run, load_updates, new_run_id, read_run, read_tensors, recorded_base,
@@ -30,7 +32,8 @@ def pid_alive(pid: int | None) -> bool:
     return is_alive({"pid": pid})
 
 
-__all__ = ["ADAPTER_DIR", "ALLOWED_SUFFIXES", "BASE_REVISION_KEY", "BASE_WEIGHTS", "FORMAT_VERSION", "FULL_MODEL",
+__all__ = ["ADAPTER_DIR", "ALLOWED_SUFFIXES", "BundleLimits", "DAMAGED", "LIMITS", "MAX_METRICS_READ_BYTES",
+           "RunRecord", "read_metrics_csv", "validate_record", "BASE_REVISION_KEY", "BASE_WEIGHTS", "FORMAT_VERSION", "FULL_MODEL",
            "FULL_WEIGHTS", "HEARTBEAT_STALE_S", "MAX_BUNDLE_BYTES", "MAX_BUNDLE_FILES", "METRICS_FILE", "RUN_FILE",
            "STATUSES", "Run", "RunWriter", "atomic_save_tensors", "atomic_write", "atomic_write_text",
            "clean_leftovers", "create_run", "delete_run", "effective_status", "environment", "export_run",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -95,9 +96,14 @@ def clean(at: AppTest) -> AppTest:
     return at
 
 
+def shown(markdown: str) -> str:
+    """The text a reader sees: user-supplied text is escaped for Streamlit's markdown (``plain``)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def errors(at: AppTest) -> list[str]:
     assert not at.exception, [e.value for e in at.exception]
-    return [e.value for e in at.error]
+    return [shown(e.value) for e in at.error]
 
 
 def specs(at: AppTest) -> list[dict]:
@@ -136,7 +142,7 @@ def frame_with(at: AppTest, column: str):
 
 
 def texts(elements) -> str:
-    return "\n".join(e.value for e in elements)
+    return "\n".join(shown(e.value) for e in elements)
 
 
 def runs_by_name(model: str | None = None) -> dict[str, runstore.Run]:

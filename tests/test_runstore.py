@@ -71,19 +71,24 @@ def test_killed_mid_write_lists_as_interrupted_and_leftovers_are_ignored(lora_ho
     rec = json.loads((stale.dir / "run.json").read_text())
     rec.update(host="elsewhere", heartbeat=time.time() - 2 * runstore.HEARTBEAT_STALE_S)
     (stale.dir / "run.json").write_text(json.dumps(rec))
-    # damaged directories: no run.json, garbled run.json
+    # damaged directories: no run.json (old, and young: a run being created), garbled run.json
     (root / "20200101-000000-deadbeef").mkdir()
+    os.utime(root / "20200101-000000-deadbeef", (time.time() - 3600, time.time() - 3600))
+    (root / "20200101-000002-creating").mkdir()
     (root / "20200101-000001-garbled0").mkdir()
     (root / "20200101-000001-garbled0" / "run.json").write_text('{"id": "half')
-    with pytest.warns(UserWarning, match="skipping run directory"):
-        runs = {r.name: r for r in runstore.list_runs()}
-    assert set(runs) == {"killed", "live", "stale", runstore.load_run(lora_run.run_id).name}
+    runs = {r.name: r for r in runstore.list_runs()}
+    assert set(runs) == {"killed", "live", "stale", runstore.load_run(lora_run.run_id).name,
+                         "20200101-000000-deadbeef", "20200101-000001-garbled0"}
+    garbled, empty = runs["20200101-000001-garbled0"], runs["20200101-000000-deadbeef"]
+    assert garbled.status == "damaged" and "not valid JSON" in garbled.error
+    assert empty.status == "damaged" and "has no run.json" in empty.error
+    runstore.delete_run("20200101-000001-garbled0")          # a damaged run can be deleted
     assert runs["killed"].status == "interrupted" and runs["stale"].status == "interrupted"
     assert runs["live"].status == "running"
     assert runs["killed"].metrics_frame()["train_loss"].tolist() == [2.0]
-    with pytest.warns(UserWarning):
-        frame = runstore.runs_frame()
-    assert sorted(frame["status"]) == ["completed", "interrupted", "interrupted", "running"]
+    frame = runstore.runs_frame()
+    assert sorted(frame["status"]) == ["completed", "damaged", "interrupted", "interrupted", "running"]
     with pytest.raises(ValueError, match="still running"):
         runstore.delete_run(live.dir)
     runstore.delete_run(writer.id)
@@ -141,7 +146,8 @@ def _zip(path, entries: dict[str, bytes]):
     return path
 
 
-RUN_JSON = json.dumps({"id": "x", "config": {"method": "lora"}, "status": "completed"}).encode()
+RUN_JSON = json.dumps({"id": "x", "config": {"method": "lora"}, "status": "completed",
+                       "created": 1.7e9}).encode()
 
 
 @pytest.mark.parametrize("entries, message", [

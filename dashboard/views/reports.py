@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.common import MAX_UPLOAD_BYTES, guarded
+from dashboard.plain_text import plain
 from dashboard.runs import all_runs, clear_caches, completed, latest_sweep, run_label, stamp
 from dashboard.analyses import inputs_for, inputs_key
 from lora_analysis import runstore
@@ -84,7 +85,7 @@ def import_section() -> None:
                 raise ValueError(str(exc).replace(str(path), upload.name)) from exc
         clear_caches()
         st.session_state["rep_imported"] = marker
-        st.success(f"Imported run '{run.name}' ({run.id}): it now shows on every page.")
+        st.success(f"Imported run '{plain(run.name)}' ({plain(run.id)}): it now shows on every page.")
 
 
 def page() -> None:

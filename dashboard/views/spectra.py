@@ -12,6 +12,7 @@ import streamlit as st
 from dashboard.analyses import inputs_for, result, show_tables, widget
 from dashboard.common import MAX_UPLOAD_BYTES, chart, guarded
 from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label
+from dashboard.plain_text import plain
 from lora_analysis.analysis import registry
 from lora_analysis.analysis.sources import updates_from_adapter
 from lora_analysis.lora import read_adapter
@@ -93,7 +94,7 @@ def runs_view() -> None:
     if g.failed:
         return
     if reason:
-        st.caption(f"{reason[0].upper()}{reason[1:]}.")
+        st.caption(plain(f"{reason[0].upper()}{reason[1:]}."))
     else:
         params = {}
         widget(SWEEP, "module", inputs, params, "spectra_module")

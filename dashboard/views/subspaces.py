@@ -8,6 +8,7 @@ from dashboard.analyses import inputs_for, result, show, widget
 from dashboard.common import chart, guarded
 from dashboard.jobs_ui import job_panel
 from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label
+from dashboard.plain_text import plain
 from lora_analysis import jobs
 from lora_analysis.analysis import registry
 
@@ -67,7 +68,7 @@ def base_section(runs) -> None:
     with guarded("comparing ΔW with W0") as g:
         reason = BASE.skip_reason(inputs)
         if reason:
-            st.info(f"{reason[0].upper()}{reason[1:]}.", icon=":material/info:")
+            st.info(plain(f"{reason[0].upper()}{reason[1:]}."), icon=":material/info:")
             return
         params = {}
         c = st.columns(2)
@@ -92,7 +93,7 @@ def intruder_section(runs) -> None:
     with guarded("counting intruders"):
         reason = INTRUDERS.skip_reason(inputs)
         if reason:
-            st.info(f"{reason[0].upper()}{reason[1:]}.", icon=":material/info:")
+            st.info(plain(f"{reason[0].upper()}{reason[1:]}."), icon=":material/info:")
             return
         params = {}
         widget(INTRUDERS, "k", inputs, params, "intr_k", max_value=50)

@@ -88,11 +88,13 @@ def factored_svd(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.
     if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not form B·A "
                          "(need A (r, in) and B (out, r))")
-    a = lora_A.detach().to("cpu", torch.float64)
-    b = lora_B.detach().to("cpu", torch.float64)
+    a = _finite(lora_A.detach().to("cpu", torch.float64), "lora_A")
+    b = _finite(lora_B.detach().to("cpu", torch.float64), "lora_B")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling={scaling!r} is not finite: the spectrum cannot be computed")
     q_b, r_b = torch.linalg.qr(b, mode="reduced")       # (out, kb), (kb, r)
     q_a, r_a = torch.linalg.qr(a.T, mode="reduced")     # (in, ka), (ka, r)
-    core = float(scaling) * (r_b @ r_a.T)               # (kb, ka): ΔW = Q_B·core·Q_Aᵀ
+    core = _finite(float(scaling) * (r_b @ r_a.T), "scaling·B·A")   # (kb, ka): ΔW = Q_B·core·Q_Aᵀ
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
     return Spectrum(q_b @ u_c, s, q_a @ vh_c.T)
 
@@ -107,8 +109,20 @@ def dense_svd(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> Spectru
         raise ValueError(f"expected a 2-D (out, in) matrix, got shape {tuple(matrix.shape)}")
     if dtype is None:
         dtype = torch.float64 if matrix.numel() <= DENSE_FLOAT64_MAX else torch.float32
-    u, s, vh = torch.linalg.svd(matrix.detach().to("cpu", dtype), full_matrices=False)
+    u, s, vh = torch.linalg.svd(_finite(matrix.detach().to("cpu", dtype), "the matrix"), full_matrices=False)
     return Spectrum(u, s, vh.T)
+
+
+def _finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` when every value is finite; else ``ValueError`` (an SVD of NaN/inf fails with LinAlgError)."""
+    if t.is_complex() or not t.dtype.is_floating_point:
+        raise ValueError(f"{what} has dtype {str(t.dtype).removeprefix('torch.')}: a spectrum needs real "
+                         "floating-point values")
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{what} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or inf, or too large to "
+                         "compute with): its spectrum cannot be computed")
+    return t
 
 
 def update_spectrum(update: ModuleUpdate) -> Spectrum:
@@ -117,10 +131,14 @@ def update_spectrum(update: ModuleUpdate) -> Spectrum:
     The full fine-tuning difference is taken in float64 when the matrix is small enough (see
     ``dense_svd``), so the subtraction itself does not lose the digits of a small update.
     """
-    if update.kind == "lora":
-        return factored_svd(update.lora_A, update.lora_B, update.scaling)
-    dtype = torch.float64 if update.w_ft.numel() <= DENSE_FLOAT64_MAX else torch.float32
-    return dense_svd(update.w_ft.detach().to("cpu", dtype) - update.w0.detach().to("cpu", dtype), dtype)
+    try:
+        if update.kind == "lora":
+            return factored_svd(update.lora_A, update.lora_B, update.scaling)
+        dtype = torch.float64 if update.w_ft.numel() <= DENSE_FLOAT64_MAX else torch.float32
+        w_ft = _finite(update.w_ft.detach().to("cpu", dtype), "W_ft")
+        return dense_svd(w_ft - _finite(update.w0.detach().to("cpu", dtype), "W0"), dtype)
+    except ValueError as exc:      # say which module: a page or a report lists many
+        raise ValueError(f"module '{update.name}': {exc}") from None
 
 
 def base_spectrum(update: ModuleUpdate) -> Spectrum:
@@ -128,7 +146,10 @@ def base_spectrum(update: ModuleUpdate) -> Spectrum:
     if update.w0 is None:
         raise ValueError(f"module '{update.name}' has no base weight W0: load the base model (e.g. --base) "
                          "for analyses that compare with W0")
-    return dense_svd(update.w0)
+    try:
+        return dense_svd(_finite(update.w0, "W0"))
+    except ValueError as exc:
+        raise ValueError(f"module '{update.name}': {exc}") from None
 
 
 # ---- metrics --------------------------------------------------------------------------------------

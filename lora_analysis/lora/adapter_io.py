@@ -4,7 +4,10 @@ A directory holds ``adapter_config.json`` (PEFT's ``LoraConfig`` keys) and ``ada
 with keys ``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r),
 plus ``base_model.model.<path>.<param>`` for ``modules_to_save``. That is exactly what PEFT's
 ``save_pretrained`` writes, so ``PeftModel.from_pretrained`` loads our adapters and we load PEFT's.
-Pickled ``.bin`` adapters are refused: we never unpickle files users give us.
+Pickled ``.bin`` adapters are refused: we never unpickle files users give us. Every adapter read goes through
+one validation, :func:`validate_config` (types and ranges of every value; pattern keys and a regex
+``target_modules`` bounded so no key can match for minutes) and :func:`check_lora_tensors` (real floating
+point, A (r, in) and B (out, r) with r >= 1, every value finite): each problem is one ``ValueError``.
 
 Loading takes each module's rank from its tensors: any r >= 1 is legal (PEFT adapters with r > min(in, out),
 our PiSSA adapters saved at rank 2r); the cap at min(in, out) is a creation-time policy. Saving writes each
@@ -16,6 +19,7 @@ to load there and an alpha key is silently dropped (other outputs), so these fil
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,13 +31,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..store.files import atomic_save_tensors, atomic_write_text
-from .config import ALL_LINEAR, LoRAConfig, alpha_for_scaling, exact_patterns, matches_module_to_save
+from .config import (ALL_LINEAR, LoRAConfig, alpha_for_scaling, check_module_name, check_pattern_keys, exact_patterns,
+                     matches_module_to_save, safe_regex)
 from .layer import compute_scaling, linear_shape
 from .model import find_targets, install_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 16 * 2**20      # an adapter_config.json is a few KiB
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
@@ -166,10 +172,13 @@ def read_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     if not path.is_file():
         raise ValueError(f"'{directory}' has no {CONFIG_NAME}: an adapter directory needs {CONFIG_NAME} "
                          f"and {WEIGHTS_NAME}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} holds {path.stat().st_size:,} bytes: an {CONFIG_NAME} is at most "
+                         f"{MAX_CONFIG_BYTES:,} bytes")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     if str(raw.get("peft_type", "LORA")).upper() != "LORA":
@@ -181,16 +190,80 @@ def read_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     for key in ("r", "lora_alpha"):
         if key not in raw:
             raise ValueError(f"{path} has no '{key}' key: is it a LoRA adapter_config.json?")
+    return validate_config(raw, path), raw
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(raw: dict, path: str | os.PathLike = CONFIG_NAME) -> LoRAConfig:
+    """THE check of an ``adapter_config.json``'s values (every reader of adapters goes through it): each
+    value of the wrong type or out of range is one ``ValueError`` naming the key, the value and what is
+    allowed. Returns the :class:`LoRAConfig` it describes."""
+    def bad(key: str, allowed: str):
+        value = raw.get(key)
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return ValueError(f"{path}: {key}={shown} is not allowed: {allowed}")
+
+    rank = raw.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise bad("r", "the rank must be an integer >= 1 (a number, not text)")
+    alpha = raw.get("lora_alpha")
+    if not _is_number(alpha) or alpha <= 0:
+        raise bad("lora_alpha", "alpha must be a finite number > 0")
+    dropout = raw.get("lora_dropout") or 0.0
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise bad("lora_dropout", "the dropout must be a number in [0, 1)")
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if raw.get(key) is not None and not isinstance(raw.get(key), bool):
+            raise bad(key, "true or false")
     targets = raw.get("target_modules")
-    if targets is None:
-        raise ValueError(f"{path} has no target_modules")
-    config = LoRAConfig(
-        targets=targets if isinstance(targets, str) else list(targets),
-        rank=raw["r"], alpha=raw["lora_alpha"], dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
-        rslora=bool(raw.get("use_rslora", False)), init="kaiming",
-        rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        modules_to_save=list(raw.get("modules_to_save") or []))
-    return config, raw
+    if isinstance(targets, str):
+        if targets.lower() != ALL_LINEAR:
+            safe_regex(targets, f"{path}: target_modules regular expression")
+    elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise bad("target_modules", "a list of module names, a regular expression (text) or 'all-linear'")
+    patterns = {}
+    for key, check, allowed in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                                  and v >= 1, "an integer rank >= 1"),
+                                 ("alpha_pattern", lambda v: _is_number(v) and v > 0, "a finite number > 0")):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise bad(key, "a JSON object {pattern: value}")
+        check_pattern_keys(value, f"{path}: {key}")
+        for k, v in value.items():
+            if not check(v):
+                raise ValueError(f"{path}: {key}[{k!r}]={v!r} is not allowed: each value must be {allowed}")
+        patterns[key] = dict(value)
+    to_save = raw.get("modules_to_save") or []
+    if not isinstance(to_save, list) or not all(isinstance(m, str) and m for m in to_save):
+        raise bad("modules_to_save", "a list of module names, or null")
+    return LoRAConfig(targets=targets if isinstance(targets, str) else list(targets), rank=rank, alpha=alpha,
+                      dropout=float(dropout), rslora=bool(raw.get("use_rslora", False)), init="kaiming",
+                      rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
+                      modules_to_save=list(to_save))
+
+
+def check_lora_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """THE check of one module's factors as read from a file: real floating point, 2-D, A (r, in) and
+    B (out, r) with r >= 1, every value finite; one ``ValueError`` naming the module otherwise."""
+    check_module_name(name)
+    for which, t in (("lora_A", a), ("lora_B", b)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"module '{name}': {which} has dtype {str(t.dtype).removeprefix('torch.')}: LoRA "
+                             "weights must be real floating point (float32, float16, bfloat16 or float64)")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise ValueError(f"module '{name}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                         "form B·A (need A (r, in) and B (out, r))")
+    if a.shape[0] < 1 or a.shape[1] < 1 or b.shape[0] < 1:
+        raise ValueError(f"module '{name}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are empty: "
+                         "the rank and both sizes must be >= 1")
+    for which, t in (("lora_A", a), ("lora_B", b)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"module '{name}': {which} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or "
+                             "inf): the adapter is broken (did its training diverge?)")
 
 
 def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -232,9 +305,7 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
             raise ValueError(f"module '{name}' has lora_{'A' if 'A' in pair else 'B'} but no "
                              f"lora_{'B' if 'A' in pair else 'A'} weight")
         a, b = pair["A"], pair["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"module '{name}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
-                             "form B·A (need A (r, in) and B (out, r))")
+        check_lora_tensors(name, a, b)
         r = int(a.shape[0])
         alpha = _saved_alpha(config, name, r)
         modules[name] = AdapterModule(name, a, b, alpha, compute_scaling(r, alpha, config.rslora))

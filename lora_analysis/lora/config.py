@@ -9,6 +9,7 @@ both ways (see :mod:`lora_analysis.lora.adapter_io`). Each field carries its hel
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -96,16 +97,124 @@ def effective_rank_alpha(config: LoRAConfig, name: str, out_features: int, in_fe
 
 # ---- pattern keys (PEFT's rank_pattern / alpha_pattern) ------------------------------------------------
 
+# A key is a regular expression that a hostile adapter controls: ``(a+)+b`` against a long module name
+# backtracks for minutes (Python's ``re`` has no time limit). Keys are therefore bounded before any match:
+# at most MAX_PATTERN_CHARS characters, no repeat inside a repeat, no alternation inside a repeat, no
+# back-references, and at most MAX_UNBOUNDED_REPEATS open-ended repeats (``*``, ``+``, ``{n,}``), so the
+# matching time is polynomial of small degree in the module name's length, which is itself bounded
+# (MAX_MODULE_NAME_CHARS). Every legitimate key (module names, ``^`` + escaped names, ``layers\.\d+\.fc``,
+# ``(q|v)_proj``) passes; the common literal keys are matched without a regex at all.
+MAX_PATTERN_CHARS = 256
+MAX_UNBOUNDED_REPEATS = 2
+MAX_MODULE_NAME_CHARS = 512
+_REGEX_META = set("\\^$.|?*+()[]{}")
+
+
+def _walk_regex(items, key: str, inside_repeat: bool, counts: dict) -> None:
+    from re import _constants as c  # the parser's opcodes (Python >= 3.11)
+
+    for op, arg in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            low, high, body = arg
+            repeats = high is c.MAXREPEAT or high > 1
+            if repeats and inside_repeat:
+                raise ValueError(f"pattern key {key!r} is not allowed: a repeated group inside a repeat "
+                                 "(e.g. '(a+)+') can take exponential time to match")
+            if high is c.MAXREPEAT:
+                counts["unbounded"] += 1
+            _walk_regex(body, key, inside_repeat or repeats, counts)
+        elif op is c.BRANCH:
+            if inside_repeat:
+                raise ValueError(f"pattern key {key!r} is not allowed: an alternation inside a repeat "
+                                 "(e.g. '(a|aa)+') can take exponential time to match")
+            for branch in arg[1]:
+                _walk_regex(branch, key, inside_repeat, counts)
+        elif op is c.SUBPATTERN:
+            _walk_regex(arg[-1], key, inside_repeat, counts)
+        elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+            raise ValueError(f"pattern key {key!r} is not allowed: back-references are not supported")
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            _walk_regex(arg[1], key, inside_repeat, counts)
+        elif op is getattr(c, "ATOMIC_GROUP", None):
+            _walk_regex(arg, key, inside_repeat, counts)
+
+
+@functools.lru_cache(maxsize=4096)
+def safe_regex(key: str, what: str = "rank_pattern/alpha_pattern key") -> re.Pattern:
+    """``key`` compiled, after the checks above; ``ValueError`` naming the key and the rule it breaks."""
+    if not isinstance(key, str):
+        raise ValueError(f"{what} {key!r} is not allowed: it must be text")
+    if len(key) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{what} {key[:40]!r}… is not allowed: it has {len(key)} characters, at most "
+                         f"{MAX_PATTERN_CHARS} are allowed")
+    try:
+        from re import _parser
+        parsed = _parser.parse(key)
+        compiled = re.compile(key)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise ValueError(f"{what} {key!r} is not a valid regular expression ({exc})") from None
+    counts = {"unbounded": 0}
+    try:
+        _walk_regex(list(parsed), key, False, counts)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("pattern key", what, 1)) from None
+    if counts["unbounded"] > MAX_UNBOUNDED_REPEATS:
+        raise ValueError(f"{what} {key!r} is not allowed: it has {counts['unbounded']} open-ended repeats "
+                         f"(*, +, {{n,}}), at most {MAX_UNBOUNDED_REPEATS} are allowed")
+    return compiled
+
+
+def check_module_name(name: str) -> None:
+    """Module names are matched against user regexes: bound their length (real ones are < 200 chars)."""
+    if len(name) > MAX_MODULE_NAME_CHARS:
+        raise ValueError(f"module name {name[:40]!r}… is not allowed: it has {len(name)} characters, at most "
+                         f"{MAX_MODULE_NAME_CHARS} are allowed")
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_key(key: str) -> tuple[bool, str] | None:
+    """``(anchored, name)`` when ``key`` is a plain name (no regex syntax at all) or ``^`` + an escaped name,
+    so that PEFT's regex rule reduces to string tests; None when it needs the regex engine."""
+    anchored = key.startswith("^")
+    body = key[1:] if anchored else key
+    if not set(body) & _REGEX_META:
+        return anchored, body
+    name = re.sub(r"\\(.)", r"\1", body)      # undo re.escape
+    return (anchored, name) if re.escape(name) == body else None
+
+
+def _key_matches(key: str, module_name: str) -> bool:
+    """PEFT's ``re.match(rf"(.*\\.)?({key})$", module_name)``, without backtracking risks."""
+    literal = _literal_key(key)
+    if literal is not None:
+        anchored, name = literal
+        return module_name == name or (not anchored and module_name.endswith("." + name))
+    safe_regex(key)
+    check_module_name(module_name)
+    return _peft_rule(key).match(module_name) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _peft_rule(key: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({key})$")
+
+
+def check_pattern_keys(patterns: dict, what: str) -> None:
+    """Raise ``ValueError`` for the first key of ``patterns`` that :func:`safe_regex` refuses."""
+    for key in patterns:
+        if not isinstance(key, str):
+            raise ValueError(f"{what} key {key!r} is not allowed: keys must be text")
+        if _literal_key(key) is None:
+            safe_regex(key, f"{what} key")
+
+
 def pattern_key(patterns: dict, module_name: str) -> str | None:
     """The first key of ``patterns`` that matches ``module_name`` as PEFT's ``get_pattern_key`` matches it
-    (``re.match(rf"(.*\\.)?({key})$", name)``), else None."""
+    (``re.match(rf"(.*\\.)?({key})$", name)``), else None. Keys that could match for minutes are refused
+    (:func:`safe_regex`)."""
     for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return key
-        except re.error as exc:
-            raise ValueError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regular expression ({exc})") \
-                from None
+        if _key_matches(key, module_name):
+            return key
     return None
 
 
@@ -148,9 +257,9 @@ def parse_targets(value) -> str | list[str] | None:
             if not pattern:
                 raise ValueError(f"targets={value!r} is not allowed: the regular expression after 're:' is empty")
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"targets={value!r} is not a valid regular expression ({exc})") from None
+                safe_regex(pattern, "targets")
+            except ValueError as exc:
+                raise ValueError(str(exc).replace(f"targets {pattern!r}", f"targets={value!r}", 1)) from None
             return pattern
         value = text.split(",")
     if isinstance(value, (list, tuple)):
@@ -181,7 +290,8 @@ def matches_target(targets: Targets, module_name: str) -> bool:
     """PEFT's rule: a string is a regex matched against the full name; a list matches names equal to an
     entry or ending with ``"." + entry``."""
     if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
+        check_module_name(module_name)
+        return safe_regex(targets, "targets regular expression").fullmatch(module_name) is not None
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 

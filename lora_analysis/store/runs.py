@@ -12,9 +12,12 @@ The runs root is ``--runs-dir`` when given, else ``$LORA_ANALYSIS_HOME/runs``, e
 Crash safety: run.json and the tensors are replaced through :mod:`.files` (temp file, fsync, rename), so a
 reader sees the old or the new file; metrics.csv only grows, so a flush appends its new rows. A run left
 "running" by a process that died (its pid is gone or now names another process, or its heartbeat is stale)
-is reported as "interrupted". A directory without a readable run.json is skipped with a warning. Run ids
+is reported as "interrupted". Every run.json is checked against one schema (:class:`RunRecord`,
+:func:`validate_record`) before it is used; a folder whose run.json is missing, unreadable or off-schema
+lists as a "damaged" run that says why and can be deleted, so one bad run never breaks a listing. Run ids
 are a timestamp plus a random suffix, and a directory is claimed with an exclusive ``mkdir``, so concurrent
-runs never share one.
+runs never share one. Only run folders directly inside the runs root are ever deleted. metrics.csv is read
+bounded (:data:`MAX_METRICS_READ_BYTES`: the header and the newest rows).
 
 Reading a run never trains, downloads or rebuilds anything: :func:`load_updates` takes W0 from the run's
 own base_weights.safetensors, or from a ``base`` the caller names.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -38,6 +42,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import torch
 
 from ..paths import home_dir
@@ -57,6 +62,11 @@ BASE_REVISION_KEY = "base_revision"
 DELETING_PREFIX, IMPORTING_PREFIX = ".deleting-", ".import-"
 _IMPORT_NAME = re.compile(r"^\.import-(?P<pid>\d+)-(?P<ms>\d+)-[0-9a-f]+$")
 STALE_LEFTOVER_S = 24 * 3600.0     # an import folder whose owner cannot be told is dropped after a day
+DAMAGED = "damaged"                # the status a listing shows for a folder whose run.json cannot be read
+CLAIM_GRACE_S = 60.0               # a run folder without run.json younger than this is being created
+MAX_RUN_JSON_BYTES = 16 * 2**20     # a run.json is a few KiB; a larger one is not read
+MAX_METRICS_READ_BYTES = 16 * 2**20   # a page reads at most the header and the last this many bytes of metrics
+_TMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.\d+\.[0-9a-f]+\.tmp$")   # store.files' temporary files
 
 
 def runs_root(runs_dir: str | os.PathLike | None = None) -> Path:
@@ -100,6 +110,11 @@ class Run:
     environment: dict
     task: dict
     record: dict = field(repr=False, default_factory=dict)
+    store: Path | None = field(repr=False, default=None)   # the runs root it was listed from, if any
+
+    @property
+    def damaged(self) -> bool:
+        return self.status == DAMAGED
 
     @property
     def method(self) -> str:
@@ -109,12 +124,13 @@ class Run:
     def model(self) -> str:
         return self.config.get("model", "")
 
-    def metrics_frame(self) -> pd.DataFrame:
-        """Per-step metrics (step, train_loss, val_loss, val_accuracy or val_perplexity, lr, elapsed_s)."""
-        path = self.dir / METRICS_FILE
-        if not path.is_file():
-            return pd.DataFrame(columns=["step", "train_loss"])
-        return pd.read_csv(path)
+    def metrics_frame(self, max_bytes: int = MAX_METRICS_READ_BYTES) -> pd.DataFrame:
+        """Per-step metrics (step, train_loss, val_loss, val_accuracy or val_perplexity, lr, elapsed_s).
+
+        At most ``max_bytes`` are read: a larger file gives its header and its last rows (the curves'
+        recent end), so a page run never reads a whole huge file. Every column is numeric (a value that is
+        not reads NaN); a file that is not CSV reads as no rows, with a warning."""
+        return read_metrics_csv(self.dir / METRICS_FILE, max_bytes)
 
 
 def effective_status(record: dict, now: float | None = None) -> str:
@@ -125,31 +141,180 @@ def effective_status(record: dict, now: float | None = None) -> str:
     now = time.time() if now is None else now
     silent = now - float(record.get("heartbeat") or record.get("created") or 0.0)
     if not on_this_host(record):
-        return "running" if silent < HEARTBEAT_STALE_S else "interrupted"
+        # a heartbeat from the future (beyond clock skew) is no sign of life either
+        return "running" if -HEARTBEAT_STALE_S < silent < HEARTBEAT_STALE_S else "interrupted"
     if record.get("pid_start_time") is not None:
         return "running" if is_alive(record) else "interrupted"
     # a run written before start times were kept: its pid, and a very old heartbeat for a recycled pid
     return "running" if is_alive(record) and silent < 12 * HEARTBEAT_STALE_S else "interrupted"
 
 
-def read_run(directory: str | os.PathLike) -> Run:
-    """Read one run directory; raises ``ValueError`` if its run.json is missing or unreadable."""
+def read_metrics_csv(path: Path, max_bytes: int = MAX_METRICS_READ_BYTES) -> pd.DataFrame:
+    """metrics.csv as numbers, reading at most the header and the last ``max_bytes`` bytes."""
+    empty = pd.DataFrame(columns=["step", "train_loss"])
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size <= max_bytes:
+                data = f.read()
+            else:
+                header = f.readline(64 * 2**10)
+                f.seek(size - max_bytes)
+                tail = f.read(max_bytes)
+                data = header + tail[tail.find(b"\n") + 1:]
+    except FileNotFoundError:
+        return empty
+    except OSError as exc:          # a folder named metrics.csv, no permission: no curves, not a crash
+        warnings.warn(f"{path} cannot be read ({exc}): no metrics shown", stacklevel=3)
+        return empty
+    try:
+        frame = pd.read_csv(io.BytesIO(data))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        warnings.warn(f"{path} is not a readable CSV file ({exc}): no metrics shown", stacklevel=3)
+        return empty
+    return frame.apply(pd.to_numeric, errors="coerce")
+
+
+# ---- the run.json schema ----------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """The fields of run.json and their types: every record read or imported is checked against it
+    (:func:`validate_record`) before anything uses it. Other keys are kept as they are."""
+
+    status: str
+    config: dict
+    created: float = 0.0
+    format_version: int = FORMAT_VERSION
+    id: str | None = None
+    name: str | None = None
+    sweep_id: str | None = None
+    heartbeat: float | None = None
+    finished: float | None = None
+    pid: int | None = None
+    pid_start_time: float | None = None
+    host: str | None = None
+    task: dict | None = None
+    environment: dict | None = None
+    metrics: dict | None = None
+    error: str | None = None
+    imported: float | None = None
+    imported_from: str | None = None
+    imported_as_new_id_of: str | None = None
+
+
+# config keys the pages read, and their types (None is always allowed)
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "method": (str,), "init": (str,), "rank": (int,), "steps": (int,), "seed": (int,),
+    "alpha": (int, float), "lr": (int, float), "rslora": (bool,), "targets": (str, list)}
+EARLIEST_CREATED = 946684800.0      # 2000-01-01: an imported run is not older
+LATEST_STORED = 4102444800.0        # 2100-01-01: any timestamp beyond is not a time
+
+
+def _type_ok(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False                # json's true is not a number here
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, types)
+
+
+def _field_types(annotation: str) -> tuple[tuple[type, ...], bool]:
+    names = [t.strip() for t in annotation.split("|")]
+    table = {"str": str, "dict": dict, "float": float, "int": int}
+    return tuple(table[n] for n in names if n != "None"), "None" in names
+
+
+def validate_record(record, source: str | os.PathLike, imported: bool = False) -> dict:
+    """Check a run.json against :class:`RunRecord` and return it; ``ValueError`` naming the first bad field.
+
+    Types of every known field, ``status`` one of :data:`STATUSES`, timestamps finite (``created`` from
+    2000 to tomorrow when ``imported``; a record without it reads as created at an unknown time),
+    ``metrics`` a flat object of numbers, text, booleans or nulls, ``config.targets`` text, a list of text
+    or null, and the other config values the pages read."""
+    from dataclasses import MISSING, fields
+
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: {RUN_FILE} does not hold a run record (a JSON object)")
+    for f in fields(RunRecord):
+        if f.name not in record:
+            if f.default is MISSING:
+                raise ValueError(f"{source}: {RUN_FILE} has no {f.name!r} field")
+            continue
+        value = record[f.name]
+        types, optional = _field_types(str(f.type))
+        if value is None and optional:
+            continue
+        if not _type_ok(value, types):
+            raise ValueError(f"{source}: {RUN_FILE} field {f.name}={_short(value)} is not allowed: it must be "
+                             f"{' or '.join(t.__name__ for t in types)}{' or null' if optional else ''}")
+        if float in types and not math.isfinite(value):
+            raise ValueError(f"{source}: {RUN_FILE} field {f.name}={value!r} is not allowed: it must be finite")
+    if record["status"] not in STATUSES:
+        raise ValueError(f"{source}: {RUN_FILE} field status={_short(record['status'])} is not allowed: it must be "
+                         f"one of {', '.join(STATUSES)}")
+    for key in ("created", "heartbeat", "finished", "imported"):
+        value = record.get(key)
+        if value is not None and not 0 <= value <= LATEST_STORED:
+            raise ValueError(f"{source}: {RUN_FILE} field {key}={value!r} is not allowed: it must be a time "
+                             "(seconds since 1970) before the year 2100")
+    if imported and "created" in record and not EARLIEST_CREATED <= record["created"] <= time.time() + 86400:
+        raise ValueError(f"{source}: {RUN_FILE} field created={record.get('created')!r} is not allowed: it must "
+                         "be the time the run started (seconds since 1970), from the year 2000 until today")
+    for key, value in (record.get("metrics") or {}).items():
+        if value is not None and not isinstance(value, (int, float, str, bool)):
+            raise ValueError(f"{source}: {RUN_FILE} metric {key!r}={_short(value)} is not allowed: metrics are "
+                             "numbers, text or null")
+    for key, types in CONFIG_TYPES.items():
+        value = record["config"].get(key)
+        if value is not None and not _type_ok(value, types):
+            raise ValueError(f"{source}: {RUN_FILE} config.{key}={_short(value)} is not allowed: it must be "
+                             f"{' or '.join(t.__name__ for t in types)} or null")
+    targets = record["config"].get("targets")
+    if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{source}: {RUN_FILE} config.targets={_short(targets)} is not allowed: a list of "
+                         "module names must hold only text")
+    return record
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_run(directory: str | os.PathLike, store: Path | None = None) -> Run:
+    """Read one run directory; raises ``ValueError`` if its run.json is missing, unreadable or does not
+    fit :class:`RunRecord`."""
     directory = Path(directory)
     path = directory / RUN_FILE
     if not path.is_file():
         raise ValueError(f"'{directory}' has no {RUN_FILE}: not a run directory")
+    if path.stat().st_size > MAX_RUN_JSON_BYTES:
+        raise ValueError(f"{path} holds {path.stat().st_size:,} bytes: a run.json is at most "
+                         f"{MAX_RUN_JSON_BYTES:,} bytes")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
-        raise ValueError(f"{path} does not hold a run record")
-    return Run(id=str(record.get("id", directory.name)), dir=directory, status=effective_status(record),
-               config=record.get("config") or {}, metrics=record.get("metrics") or {},
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    validate_record(record, path)
+    return Run(id=str(record.get("id") or directory.name), dir=directory, status=effective_status(record),
+               config=record["config"], metrics=record.get("metrics") or {},
                created=float(record.get("created") or 0.0), finished=record.get("finished"),
                error=record.get("error"), name=str(record.get("name") or directory.name),
                sweep_id=record.get("sweep_id"), environment=record.get("environment") or {},
-               task=record.get("task") or {}, record=record)
+               task=record.get("task") or {}, record=record, store=store)
+
+
+def damaged_run(directory: Path, reason: str, store: Path | None = None) -> Run:
+    """What a listing shows for a run folder that cannot be read: status "damaged", the reason as its
+    error, and nothing else; it can be deleted like any run."""
+    try:
+        created = directory.stat().st_mtime
+    except OSError:
+        created = 0.0
+    return Run(id=directory.name, dir=directory, status=DAMAGED, config={}, metrics={}, created=created,
+               finished=None, error=reason, name=directory.name, sweep_id=None, environment={}, task={},
+               record={}, store=store)
 
 
 def _remove_tree(path: Path) -> None:
@@ -171,10 +336,35 @@ def _leftover_is_stale(entry: Path) -> bool:
     return time.time() - entry.stat().st_mtime > STALE_LEFTOVER_S   # named by an older version
 
 
+_TEMP_CLEANED: set[str] = set()
+
+
+def _stale_temp_files(root: Path) -> list[Path]:
+    """Temporary files of :mod:`.files` (``.<name>.<pid>.<thread>.<hex>.tmp``) in the root, the run folders
+    and their sub-folders whose writing process is gone."""
+    found = []
+    for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp"):
+        for path in root.glob(pattern):
+            match = _TMP_NAME.match(path.name)
+            if match and path.is_file() and not path.is_symlink() and not psutil.pid_exists(int(match["pid"])):
+                found.append(path)
+    return found
+
+
 def clean_leftovers(runs_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Remove what interrupted deletes and imports left under the runs root; returns what was removed."""
+    """Remove what interrupted deletes and imports left under the runs root; returns what was removed.
+
+    The first call in a process (its start-up) also removes temporary files whose writer died."""
     root = runs_root(runs_dir)
     removed = []
+    if root.is_dir() and str(root.resolve()) not in _TEMP_CLEANED:
+        _TEMP_CLEANED.add(str(root.resolve()))
+        for path in _stale_temp_files(root):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
     for entry in root.iterdir() if root.is_dir() else []:
         if not entry.name.startswith((DELETING_PREFIX, IMPORTING_PREFIX)) or entry.is_symlink():
             continue
@@ -188,9 +378,11 @@ def clean_leftovers(runs_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
-    """Every readable run under the root, newest first. Unreadable directories are skipped with a warning;
-    hidden entries (temporary files, imports in progress) are ignored, and leftovers of interrupted
-    deletes and imports are removed."""
+    """Every run under the root, newest first. A folder whose run.json cannot be read or does not fit the
+    schema lists as a "damaged" run (its error says why) that can be deleted; one bad run never stops a
+    listing. Hidden entries (temporary files, imports in progress) are ignored, a folder without run.json
+    younger than a minute is a run being created, and leftovers of interrupted deletes and imports are
+    removed."""
     root = runs_root(runs_dir)
     clean_leftovers(root)
     runs = []
@@ -198,9 +390,14 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
         if d.name.startswith(".") or not d.is_dir():
             continue
         try:
-            runs.append(read_run(d))
+            runs.append(read_run(d, store=root))
         except (ValueError, OSError) as exc:
-            warnings.warn(f"skipping run directory {d}: {exc}", stacklevel=2)
+            try:
+                young = not (d / RUN_FILE).exists() and time.time() - d.stat().st_mtime < CLAIM_GRACE_S
+            except OSError:
+                continue        # deleted meanwhile
+            if not young:
+                runs.append(damaged_run(d, str(exc), store=root))
     runs.sort(key=lambda r: (r.created, r.id), reverse=True)
     return runs
 
@@ -249,32 +446,60 @@ def load_metrics(runs: list[Run]) -> pd.DataFrame:
 
 
 def resolve_run_dir(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> Path:
-    """The directory of a run given by id, unique id prefix, directory path or :class:`Run`."""
+    """The directory of a run given by id, unique id prefix, directory path or :class:`Run`. Hidden
+    folders (imports and deletes in progress) are never matched."""
     if isinstance(run, Run):
         return run.dir
     path = Path(run)
-    if path.is_dir() and (path / RUN_FILE).exists():
+    if path.is_dir() and (path / RUN_FILE).exists() and not path.resolve().name.startswith("."):
         return path
     root = runs_root(runs_dir)
-    candidate = root / str(run)
-    if str(run) and "/" not in str(run) and not str(run).startswith(".") and candidate.is_dir():
+    text = str(run)
+    if not text or text.startswith(".") or "/" in text or "\\" in text or "\0" in text:
+        raise ValueError(f"run {text!r} not found under {root}" + (": run ids never start with '.'"
+                                                                    if text.startswith(".") else ""))
+    candidate = root / text
+    if candidate.is_dir():
         return candidate
     matches = ([d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                and d.name.startswith(str(run))] if root.is_dir() else [])
-    if len(matches) == 1 and str(run):
+                and d.name.startswith(text)] if root.is_dir() else [])
+    if len(matches) == 1:
         return matches[0]
-    raise ValueError(f"run {str(run)!r} not found under {root}" + (" (the prefix is ambiguous)" if matches else ""))
+    raise ValueError(f"run {text!r} not found under {root}" + (" (the prefix is ambiguous)" if matches else ""))
+
+
+def _in_store(directory: Path, root: Path) -> bool:
+    """Whether ``directory`` is a visible run folder directly inside the runs root ``root``."""
+    try:
+        return (directory.resolve().parent == root.resolve() and not directory.name.startswith(".")
+                and not directory.is_symlink())
+    except OSError:
+        return False
 
 
 def load_run(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> Run:
     """A run by id (or unique id prefix, or directory path)."""
-    return read_run(resolve_run_dir(run, runs_dir))
+    directory = resolve_run_dir(run, runs_dir)
+    root = runs_root(runs_dir)
+    return read_run(directory, store=root if _in_store(directory, root) else None)
 
 
 def delete_run(run: str | os.PathLike | Run, runs_dir: str | os.PathLike | None = None) -> None:
-    """Remove a run directory. A run still running in a live process is refused."""
-    path = resolve_run_dir(run, runs_dir)
-    current = read_run(path) if (path / RUN_FILE).is_file() else None
+    """Remove a run folder of the run store (a damaged one too). A run still running in a live process is
+    refused, and so is any folder that is not a run folder directly inside the runs root."""
+    if isinstance(run, Run):
+        path, root = run.dir, run.store if run.store is not None and runs_dir is None else runs_root(runs_dir)
+    else:
+        path, root = resolve_run_dir(run, runs_dir), runs_root(runs_dir)
+    if path.is_symlink():
+        raise ValueError(f"'{path}' is a link to {path.resolve()}: only real run folders are deleted (remove "
+                         "the link yourself)")
+    if not _in_store(path, root):
+        raise ValueError(f"'{path}' is not a run folder of the run store {root}: only runs inside it are deleted")
+    try:
+        current = read_run(path) if (path / RUN_FILE).is_file() else None
+    except ValueError:
+        current = None                     # a damaged run: nothing in it runs
     if current is not None and current.status == "running":
         raise ValueError(f"run {current.id} is still running (pid {current.record.get('pid')}): cancel it first")
     # rename first so a half-deleted run never lists as a damaged one; if the removal stops half way, the
