@@ -3,11 +3,15 @@
 Streamlit re-runs a page script on every click, so training must not live in it. ``start_job`` writes a
 job spec to ``<home>/jobs/<id>/job.json`` and starts ``python -m lora_analysis.jobs <job dir>`` in its own
 process group. The worker runs the library call and keeps ``progress.json`` up to date; a page polls
-``read_job``. ``cancel_job`` sends SIGTERM: the worker asks the trainer to stop at the next step and the
+``read_job``. ``cancel_job`` sends SIGTERM to the worker: it asks the trainer to stop at the next step and the
 run is recorded as cancelled. A worker that died without saying so is reported as interrupted. A worker
 is known by its pid and its start time (:mod:`lora_analysis.store.liveness`, as runs are), so a pid that
 the system gave to another process after the worker died is neither "running" nor ever signalled.
 Closing the browser tab changes nothing: the job and its runs live on disk.
+
+A sweep job's spec may name its executor: ``spec["executor"] = {"kind": "ray", "address": "auto", ...}``
+(see :func:`lora_analysis.training.sweep.executor_from_spec`); the job's process is then the Ray driver,
+its progress and cancel work as for a local sweep (cancel stops the running trials, drops the pending ones).
 """
 
 from __future__ import annotations
@@ -143,14 +147,16 @@ def list_jobs(home: Path | None = None) -> list[Job]:
 
 
 def cancel_job(job: Job) -> None:
-    """Ask the worker to stop (SIGTERM to its process group); the run in progress is marked cancelled.
+    """Ask the worker to stop (SIGTERM to the worker process); the run in progress is marked cancelled.
 
-    Only a worker that is still the process the job started is signalled: once it has died, its pid may
-    name an unrelated process group."""
+    Only the worker itself is signalled, not its process group: a sweep on a Ray that the worker started
+    has Ray's processes in that group, and they must stop through the worker (which cancels its trials),
+    not by a signal. Only a worker that is still the process the job started is signalled: once it has
+    died, its pid may name an unrelated process."""
     if job.done or not (on_this_host(job.identity) and is_alive(job.identity)):
         return
     try:
-        os.killpg(job.pid, signal.SIGTERM)
+        os.kill(job.pid, signal.SIGTERM)
     except ProcessLookupError:        # it exited between the check and the signal
         pass
 
@@ -167,8 +173,10 @@ class JobKind:
 
 
 def _sweep_validate(spec: dict) -> None:
-    from .training.sweep import sweep_settings
-    sweep_settings(**spec)
+    from .training.sweep import executor_from_spec, split_job_spec, sweep_settings
+    sweep, executor = split_job_spec(spec)
+    executor_from_spec(executor)        # a Ray executor also checks that Ray is installed
+    sweep_settings(**sweep)
 
 
 def _sweep_run(spec: dict, report, cancelled, home: Path) -> list[str]:

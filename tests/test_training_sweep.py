@@ -1,4 +1,4 @@
-"""Sweeps: one run per setting, shared base and split, executor interface, job entry point, cancel."""
+"""Sweeps: one run per setting, shared base and split, executors, job entry point, cancel. (Ray: test_ray.py.)"""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from lora_analysis import runstore
-from lora_analysis.training.sweep import (LocalExecutor, ProcessExecutor, run_sweep, run_sweep_job,
-                                          sweep_frame, sweep_settings)
+from lora_analysis.training.sweep import (LocalExecutor, SweepProgress, executor_from_spec, make_executor, run_sweep,
+                                          run_sweep_job, sweep_frame, sweep_settings)
 from lora_analysis.training.trainer import TrainConfig
 
 
@@ -34,15 +34,17 @@ def test_settings_cover_the_grid_plus_full_ft():
 
 def test_sweep_writes_one_run_per_setting_on_one_base(lora_home):
     settings = sweep_settings(ranks=[1, 4, 16], alphas=[16], full_ft=True, steps=40, eval_every=20)
-    seen = []
-    result = run_sweep(settings, progress=lambda **p: seen.append((p["run_index"], p["step"])))
+    seen, ends = [], []
+    result = run_sweep(settings, progress=lambda **p: (ends if "finished" in p else seen).append(
+        (p["run_index"], p["step"], p.get("finished"))))
     frame = result.frame
     assert len(frame) == 4 and (frame["status"] == "completed").all()
     assert frame["name"].tolist() == ["LoRA r=1 α=16", "LoRA r=4 α=16", "LoRA r=16 α=16", "full FT"]
     # one base for all: the same frozen-base accuracy in every run
     assert frame["base_val_accuracy"].nunique() == 1
     assert frame["trainable_params"].is_monotonic_increasing
-    assert len(seen) == 4 * 40 and seen[-1] == (3, 40)
+    assert len(seen) == 4 * 40 and seen[-1] == (3, 40, None)
+    assert ends == [(i, 40, "completed") for i in range(4)]     # one "finished" event per run
     stored = sweep_frame(result.sweep_id)
     assert sorted(stored["id"]) == sorted(frame["run_id"]) and set(stored["sweep_id"]) == {result.sweep_id}
     assert sorted(stored["name"]) == sorted(frame["name"])
@@ -56,8 +58,17 @@ def test_cancel_stops_the_sweep_and_skips_the_rest(lora_home):
         if run_index == 1 and step == 5:
             stop.set()
 
-    result = run_sweep(settings, progress=progress, cancel=stop)
+    ends = []
+
+    def watch(**p):
+        if "finished" in p:
+            ends.append((p["run_index"], p["finished"]))
+        else:
+            progress(**p)
+
+    result = run_sweep(settings, progress=watch, cancel=stop)
     assert [r.status for r in result.results] == ["completed", "cancelled", "cancelled", "cancelled"]
+    assert ends == [(0, "completed"), (1, "cancelled"), (2, "cancelled"), (3, "cancelled")]
     assert result.results[2].run_id is None          # never started: nothing written
     assert len(runstore.list_runs()) == 2
 
@@ -75,29 +86,22 @@ def test_job_entry_point_reports_done_and_total(lora_home):
     ids = run_sweep_job({"model": "mlp-digits", "ranks": [2, 8], "alphas": [16], "full_ft": True, "steps": 10},
                         progress=lambda **p: reports.append(p), home=lora_home)
     assert len(ids) == 3 and {r.id for r in runstore.list_runs()} == set(ids)
-    assert all(r["total"] == 30 for r in reports)
-    assert [r["done"] for r in reports if not r["final"]] == list(range(1, 31))
+    assert all(r["total"] == 3 for r in reports)
+    # one bar for the sweep: runs done, a run in progress counting by its share of steps
+    done = [r["done"] for r in reports if not r["final"]]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 3
+    runs_done = [r["runs_done"] for r in reports if not r["final"]]
+    assert runs_done == sorted(runs_done) and set(runs_done) == {0, 1, 2, 3}
+    assert all(r["runs_done"] <= r["done"] < r["runs_done"] + 1 + 1e-9 for r in reports)
     assert reports[-1]["final"] and reports[-1]["message"] == "3 runs written"
-    assert "run 2/3 · LoRA r=8 α=16 · step 1/10" in reports[10]["message"]
+    second = next(r for r in reports if r["running"] and r["running"][0]["run"] == "LoRA r=8 α=16")
+    assert second["message"].startswith("1/3 runs done · LoRA r=8 α=16 step 1/10 loss ")
+    assert second["running"][0]["step"] == 1 and second["running"][0]["total"] == 10
 
 
 def test_settings_must_share_model_and_data(lora_home):
     with pytest.raises(ValueError, match="must share the model and data"):
         run_sweep([("a", TrainConfig(model="mlp-digits")), ("b", TrainConfig(model="tiny-gpt"))])
-
-
-def test_process_executor_runs_jobs_in_other_processes(lora_home):
-    settings = sweep_settings(ranks=[2], alphas=[4], full_ft=True, steps=5)
-    local = run_sweep(settings, executor=LocalExecutor()).frame
-    seen = []
-    pooled = run_sweep(settings, executor=ProcessExecutor(max_workers=2),
-                       progress=lambda **p: seen.append((p["run_index"], p["step"], p["total"], p["label"]))).frame
-    assert (pooled["status"] == "completed").all()
-    # the workers' progress reaches this process: at least each run's last step, with its label
-    assert {(0, 5, 5, "LoRA r=2 α=4"), (1, 5, 5, "full FT")} <= set(seen)
-    # same seed, same base from the cache: the same numbers in another process
-    assert pooled["val_loss"].tolist() == pytest.approx(local["val_loss"].tolist(), rel=1e-6)
-    assert pooled["run_id"].nunique() == 2 and set(pooled["run_id"]).isdisjoint(local["run_id"])
 
 
 def test_sweep_refuses_a_missing_model_folder_before_any_run(lora_home, tmp_path):
@@ -107,25 +111,45 @@ def test_sweep_refuses_a_missing_model_folder_before_any_run(lora_home, tmp_path
         sweep_settings(model="mlp_digits", ranks=[1])
 
 
-def test_cancel_reaches_the_runs_in_worker_processes(lora_home):
-    """Defect 4: cancel set in this process stops the run in the worker process and skips the rest; the
-    run that completed before is intact. One worker, so the runs go in order; the long run is long
-    enough that it is still going when the cancel arrives."""
-    stop = threading.Event()
-    common = dict(pretrain_steps=30, eval_every=100_000)
-    settings = [("short", TrainConfig(rank=1, steps=5, **common)),
-                ("long", TrainConfig(rank=2, steps=50_000, **common)),
-                ("skipped", TrainConfig(rank=4, steps=5, **common)),
-                ("full", TrainConfig(method="full", steps=5, **common))]
+def test_two_executors_and_options_only_where_they_mean_something():
+    assert isinstance(make_executor(), LocalExecutor) and isinstance(executor_from_spec(None), LocalExecutor)
+    with pytest.raises(ValueError, match=r"executor='process' is not known: choose one of local, ray"):
+        make_executor("process")
+    # the local executor runs one run at a time: asking for more is refused, not ignored
+    with pytest.raises(ValueError, match=r"workers=2 needs executor='ray'"):
+        make_executor("local", workers=2)
+    with pytest.raises(ValueError, match=r"ray_address='auto', retries=1 needs executor='ray'"):
+        make_executor("local", address="auto", retries=1)
+    with pytest.raises(ValueError, match=r"workers=-1 is not allowed"):
+        make_executor("ray", workers=-1)
+    with pytest.raises(ValueError, match=r"executor setting 'nodes' is not known"):
+        executor_from_spec({"kind": "ray", "nodes": 3})
 
-    def progress(run_index, step, total, **_):
-        if run_index == 0 and step == total:
-            stop.set()
 
-    result = run_sweep(settings, executor=ProcessExecutor(max_workers=1), progress=progress, cancel=stop)
-    assert [r.status for r in result.results] == ["completed", "cancelled", "cancelled", "cancelled"]
-    assert result.results[1].metrics.get("steps_done", 0) < 50_000
-    stored = {r.name: r for r in runstore.list_runs()}
-    assert set(stored) <= {"short", "long"} and stored["short"].status == "completed"
-    assert "long" not in stored or stored["long"].status == "cancelled"
-    assert sorted(runstore.load_updates(stored["short"])) == ["fc1", "fc2", "fc3"]
+def test_sweep_cli_refuses_workers_without_ray(lora_home, capsys):
+    from lora_analysis.cli import main
+    assert main(["sweep", "--ranks", "1", "--workers", "2", "--steps", "2"]) == 2
+    assert "workers=2 needs executor='ray' (--executor ray)" in capsys.readouterr().err
+    assert runstore.list_runs() == []
+
+
+def test_sweep_progress_counts_runs_done_and_shows_the_runs_in_progress():
+    state = SweepProgress(3)
+    state(run_index=0, step=5, total=10, loss=0.5, label="a")
+    state(run_index=1, step=2, total=4, loss=1.25, label="b")
+    assert state.fraction == pytest.approx((0.5 + 0.5) / 3) and state.done == 0
+    assert state.summary() == "0/3 runs done · a step 5/10 loss 0.5000 · b step 2/4 loss 1.2500"
+    state(run_index=0, step=7, total=10, loss=0.4, label="a", finished="cancelled")
+    state(run_index=0, step=8, total=10, loss=0.3, label="a")        # a late event of a finished run
+    assert state.done == 1 and state.fraction == pytest.approx((1 + 0.5) / 3)
+    assert state.summary() == "1/3 runs done, 1 cancelled · b step 2/4 loss 1.2500"
+
+
+def test_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)       # as if Ray were not installed: the base install
+    with pytest.raises(ValueError, match=r"executor 'ray' needs Ray, which is not installed: "
+                                         r"pip install -r requirements-ray.txt"):
+        make_executor("ray")
+    with pytest.raises(ValueError, match="needs Ray"):
+        executor_from_spec({"kind": "ray", "address": "auto"})

@@ -2,6 +2,7 @@
 
     python -m lora_analysis train --model mlp-digits --rank 4 --alpha 16
     python -m lora_analysis sweep --model mlp-digits --ranks 1,2,4,8,16,32 --alphas 16 --full-ft --out runs/
+    python -m lora_analysis sweep --model mlp-digits --ranks 1,4 --full-ft --executor ray [--ray-address auto]
     python -m lora_analysis runs list | show ID | delete ID | export ID [--to FILE] | import FILE
 """
 
@@ -91,9 +92,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     s = sub.add_parser("sweep", help="many LoRA runs (ranks × alphas × scaling × targets) plus full FT",
-                       description="Sweep LoRA settings on one pretrained base and data split.")
+                       description="Sweep LoRA settings on one pretrained base and data split, run by run in "
+                                   "this process (the default) or as Ray tasks on this machine or a cluster.",
+                       epilog=SWEEP_EXAMPLES)
     add_setting_options(s, SweepSpec, ("sweep", "LoRA", "model and data", "optimisation"))
-    s.add_argument("--workers", type=int, default=0, help="run N runs at once in a process pool (default: in turn)")
+    e = s.add_argument_group("executor")
+    e.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: the runs one after another in this process (default); ray: each run a Ray task "
+                        "(pip install -r requirements-ray.txt)")
+    e.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster: auto (the one this machine belongs to) or ray://HOST:PORT "
+                        "(default: start a local Ray on this machine)")
+    e.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="with --executor ray: at most N runs in flight at once (default: as many as the cluster's "
+                        "free CPUs/GPUs allow); the local executor runs one at a time")
+    e.add_argument("--trial-cpus", type=float, default=1.0, metavar="C",
+                   help="CPUs each Ray trial asks for (default 1)")
+    e.add_argument("--trial-gpus", type=float, default=None, metavar="G",
+                   help="GPUs each Ray trial asks for (default: 1 when the cluster has GPUs and --device is auto or "
+                        "cuda, else 0)")
+    e.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="retry a Ray trial whose worker died up to N times (default 0: record it interrupted)")
     _add_output(s)
     s.add_argument("--json", action="store_true", help="print the sweep's table as JSON")
     s.set_defaults(func=run_sweep_cli)
@@ -121,21 +140,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---- train ------------------------------------------------------------------------------------------
 
 class _Bar:
-    """A tqdm bar fed by the trainer's progress hook (disabled with --quiet or when stderr is no terminal).
-    A sweep's bar counts the steps of all its runs: the latest step of each run, summed (runs may go in
-    parallel, and a process pool reports a few times a second, not every step)."""
+    """A tqdm bar fed by the trainer's progress hook (disabled with --quiet or when stderr is no terminal)."""
 
     def __init__(self, quiet: bool, total: int = 0, desc: str = "") -> None:
         from tqdm import tqdm
         self.bar = tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True)
-        self.steps: dict[int, int] = {}
 
-    def __call__(self, step, total, loss, label=None, run_index=0, **_) -> None:
-        if label is None and self.bar.total != total:
+    def __call__(self, step, total, loss, **_) -> None:
+        if self.bar.total != total:
             self.bar.reset(total=total)
-        self.steps[run_index] = step
-        self.bar.update(sum(self.steps.values()) - self.bar.n)
-        self.bar.set_postfix_str(f"{label + ' · ' if label else ''}loss {loss:.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -194,14 +209,49 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ---- sweep --------------------------------------------------------------------------------------------
 
+class _SweepBar:
+    """One bar per sweep, under every executor: runs done out of the total (a run in progress counts by
+    its share of steps), then the step and loss of each run in progress."""
+
+    def __init__(self, quiet: bool, count: int, desc: str) -> None:
+        from tqdm import tqdm
+
+        from ..training.sweep import SweepProgress
+        self.state = SweepProgress(count)
+        self.bar = tqdm(total=count, desc=desc, disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
+
+    def __call__(self, **event) -> None:
+        self.state(**event)
+        self.bar.update(self.state.fraction * self.state.count - self.bar.n)
+        self.bar.set_postfix_str(self.state.summary(), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+SWEEP_EXAMPLES = """\
+examples:
+  %(prog)s --model mlp-digits --ranks 1,2,4,8,16,32 --alphas 16 --full-ft
+      six LoRA runs and one full fine-tune on one base and data split, one after another
+  %(prog)s --model mlp-digits --ranks 1,4 --full-ft --executor ray --out runs/
+      the same kind of sweep, each run a Ray task on a local Ray started for it
+  %(prog)s --model meta-llama/Llama-2-7b-hf --ranks 4,8,16,32 --alphas r,2r --executor ray --ray-address auto
+      on the Ray cluster this machine belongs to: one GPU per run, the runs land in --out
+then: lora-analysis report --html sweep.html (a report of the newest sweep)"""
+
+
 def run_sweep_cli(args: argparse.Namespace) -> int:
     from ..training.config import SweepSpec
-    from ..training.sweep import LocalExecutor, ProcessExecutor, resolve_steps, run_sweep
+    from ..training.sweep import make_executor, run_sweep
     settings = config_from_args(SweepSpec, args).settings()
-    task = _prepare(args, settings[0][1])
-    total = sum(resolve_steps(c, task) for _, c in settings)
-    bar = _Bar(args.quiet, total=total, desc=f"sweep of {len(settings)} runs")
-    executor = ProcessExecutor(args.workers) if args.workers > 1 else LocalExecutor()
+    executor = make_executor(args.executor, address=args.ray_address, workers=args.workers or None,
+                             trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus, retries=args.retries)
+    # the base is prepared (pretrained and cached) once, here, when the runs go in this process or on a Ray
+    # started on this machine (its workers then load it from the cache); a cluster's workers load their own
+    task = _prepare(args, settings[0][1]) if executor.shares_memory or executor.on_this_machine else None
+    where = "" if executor.shares_memory else " on Ray"
+    bar = _SweepBar(args.quiet, len(settings), desc=f"sweep of {len(settings)} runs{where}")
     try:
         result = run_sweep(settings, runs_dir=args.runs_dir, executor=executor, task=task, progress=bar)
     finally:
@@ -249,9 +299,12 @@ def run_runs(args: argparse.Namespace) -> int:
         print(json.dumps({**run.record, "status": run.status, "dir": str(run.dir)}, indent=2, default=str))
         return 0
     if action == "delete":
-        run = runstore.load_run(args.run, runs_dir)
-        runstore.delete_run(run)
-        print(f"deleted run {run.id}")
+        try:
+            run_id = runstore.load_run(args.run, runs_dir).id
+        except ValueError:          # a damaged run: its run.json cannot be read, it can still be deleted
+            run_id = args.run
+        runstore.delete_run(args.run, runs_dir)
+        print(f"deleted run {run_id}")
         return 0
     if action == "export":
         path = runstore.export_run(args.run, args.to, runs_dir)
