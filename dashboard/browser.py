@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def dashboard_server(home: Path, timeout: float = 90.0):
+def dashboard_server(home: Path, timeout: float = 180.0):
     """``streamlit run dashboard/app.py`` headless with LORA_ANALYSIS_HOME=home; yields its base URL once
     /_stcore/health answers ok, and stops it afterwards."""
     port = free_port()
@@ -74,7 +74,7 @@ def chromium():
             browser.close()
 
 
-def wait_idle(page, timeout: float = 60.0, quiet: float = 0.8) -> None:
+def wait_idle(page, timeout: float = 180.0, quiet: float = 0.8) -> None:
     """Wait until Streamlit has rendered and its script has not been running for ``quiet`` seconds."""
     page.wait_for_selector('[data-testid="stMain"]', timeout=timeout * 1000)
     deadline = time.time() + timeout

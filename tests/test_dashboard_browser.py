@@ -63,7 +63,7 @@ def test_every_page_renders_on_an_empty_store(server, browser):
     for path, title in PAGES:
         page = open_page(browser, f"{url}/{path}")
         assert_clean(page, path or "home")
-        page.get_by_role("heading", name=title).first.wait_for(timeout=10_000)
+        page.get_by_role("heading", name=title).first.wait_for(timeout=180_000)
         if path not in ("", "params", "finetune", "reports"):
             assert page.get_by_text("no completed runs yet").count() >= 1, path
         page.close()
@@ -73,7 +73,7 @@ def test_quick_demo_fills_the_pages(server, browser, shots):
     url, _ = server
     page = open_page(browser, url)
     page.get_by_role("button", name="Run the quick demo").click()
-    page.get_by_text("Done:").first.wait_for(timeout=180_000)
+    page.get_by_text("Done:").first.wait_for(timeout=600_000)
     wait_idle(page)
     assert_clean(page, "home after demo")
     page.screenshot(path=str(shots / "home.png"))
@@ -82,7 +82,7 @@ def test_quick_demo_fills_the_pages(server, browser, shots):
         page = open_page(browser, f"{url}/{path}")
         assert_clean(page, path)
         if path != "reports":
-            page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+            page.wait_for_selector(".js-plotly-plot", timeout=180_000)
             wait_idle(page)
             assert page.locator(".js-plotly-plot").count() >= 1, path
         page.screenshot(path=str(shots / f"{path}.png"))
@@ -96,15 +96,15 @@ def test_report_opens_offline_with_charts(server, browser, tmp_path):
     if page.get_by_role("button", name="Build the report").count() == 0:
         pytest.skip("needs the quick demo's runs (test_quick_demo_fills_the_pages)")
     page.get_by_role("button", name="Build the report").click()
-    with page.expect_download(timeout=120_000) as download:
-        page.get_by_role("button", name="Download report.html").click(timeout=120_000)
+    with page.expect_download(timeout=300_000) as download:
+        page.get_by_role("button", name="Download report.html").click(timeout=300_000)
     path = tmp_path / "report.html"
     download.value.save_as(path)
     page.close()
     offline = browser.new_context(offline=True)
     report = offline.new_page()
     report.goto(path.as_uri())
-    report.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    report.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
     assert report.locator(".js-plotly-plot").count() >= 6
     assert report.locator(".js-plotly-plot .main-svg").count() >= report.locator(".js-plotly-plot").count()
     offline.close()
