@@ -9,6 +9,10 @@ GPT-3 layer 48 W_q). Table 7's comparison rows are reproduced: ‖Uᵀ·W0·V‖
 W0's own top-r singular vectors (= √Σ_{k≤r} σ_k(W0)², the most W0 can put in r directions), and from
 random orthonormal r-frames; plus ‖W0‖_F and ‖ΔW‖_F.
 
+W0's singular values come from :func:`lora_analysis.analysis.base_svd.base_svd` (cached on disk, shared with
+the intruder test); ``amplification_frame`` takes any iterable of updates and holds one at a time, so a
+generator that loads W0 module by module keeps one module's W0 in memory.
+
 Edge cases: a zero ΔW gives amplification 0; a non-zero ΔW orthogonal to W0's row/column spaces
 (‖Uᵀ·W0·V‖ = 0) gives inf.
 """
@@ -16,13 +20,15 @@ Edge cases: a zero ΔW gives amplification 0; a non-zero ΔW orthogonal to W0's 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import pandas as pd
 import torch
 
-from ..weights import ModuleUpdate, as_update_list
-from .spectra import Spectrum, base_spectrum, update_spectrum
+from ..weights import ModuleUpdate
+from .base_svd import BaseSVD, base_svd
+from .intruders import iter_updates_lazily
+from .spectra import Spectrum, update_spectrum
 
 # Full fine-tuning has no rank: project on this many top directions unless told otherwise.
 DEFAULT_FULL_R = 16
@@ -41,14 +47,16 @@ def random_frame(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def amplification(update: ModuleUpdate, r: int | None = None, seed: int = 0,
-                  delta: Spectrum | None = None, base: Spectrum | None = None) -> dict:
+                  delta: Spectrum | None = None, base: Spectrum | BaseSVD | None = None, *,
+                  device: str | None = "auto", cache: bool | None = None) -> dict:
     """Table 7 for one module.
 
     Args:
         update: needs W0 (``ValueError`` otherwise).
         r: number of top directions; defaults to the LoRA rank, or ``DEFAULT_FULL_R`` for full fine-tuning.
         seed: for the random directions.
-        delta / base: precomputed spectra of ΔW / W0, to avoid recomputing them.
+        delta / base: precomputed spectra of ΔW / W0 (only W0's singular values are used), to avoid
+            recomputing them; ``base`` defaults to the cached :func:`base_svd` (on ``device``, ``cache``).
 
     Returns a dict: name, kind, r, ``delta_fro`` ‖ΔW‖_F, ``w0_fro`` ‖W0‖_F, ``proj_delta`` /
     ``proj_w0`` / ``proj_random`` (‖Uᵀ·W0·V‖_F for U, V from ΔW / W0 / random), ``amplification``
@@ -67,7 +75,7 @@ def amplification(update: ModuleUpdate, r: int | None = None, seed: int = 0,
     r_delta = min(r, delta.S.shape[0])
     delta_fro = float(torch.linalg.vector_norm(delta.S))
     proj_delta = projection_norm(update.w0, delta.U[:, :r_delta], delta.V[:, :r_delta])
-    base = base_spectrum(update) if base is None else base
+    base = base_svd(update.w0, device=device, cache=cache) if base is None else base
     proj_w0 = float(torch.linalg.vector_norm(base.S[:r].to(torch.float64)))   # = ‖U0ᵀ W0 V0‖_F exactly
     g = torch.Generator().manual_seed(seed)
     proj_random = projection_norm(update.w0, random_frame(out_f, r, g), random_frame(in_f, r, g))
@@ -84,9 +92,16 @@ def amplification(update: ModuleUpdate, r: int | None = None, seed: int = 0,
 
 
 def amplification_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], r: int | None = None,
-                        seed: int = 0) -> pd.DataFrame:
-    """One :func:`amplification` row per module (all need W0)."""
-    items = as_update_list(updates)
-    return pd.DataFrame([amplification(u, r, seed) for u in items],
+                        seed: int = 0, *, device: str | None = "auto",
+                        progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """One :func:`amplification` row per module (all need W0). ``updates`` may be a generator (one W0 alive
+    at a time); ``progress(name)`` is called after each module."""
+    rows = []
+    for u in iter_updates_lazily(updates):
+        rows.append(amplification(u, r, seed, device=device))
+        if progress is not None:
+            progress(u.name)
+        del u                       # dropped before the next W0 is read
+    return pd.DataFrame(rows,
                         columns=["name", "kind", "r", "delta_fro", "w0_fro", "proj_delta", "proj_w0",
                                  "proj_random", "amplification"])

@@ -5,24 +5,36 @@ W = W0 + ΔW. One of them is an intruder when its largest |cosine| with every le
 W0 is below ε:  max_j |⟨u_i(W), u_j(W0)⟩| < ε. Defaults k = 10, ε = 0.5 as in the paper. Singular
 vectors have unit norm, so the cosine is the dot product.
 
-The fine-tuned weight is formed densely: it is W0-sized, and W0's full SVD is needed anyway. For LoRA,
-ΔW = s·B·A; for full fine-tuning, W = W_ft.
+For LoRA, ΔW = s·B·A; for full fine-tuning, W = W_ft. W0's SVD comes from
+:func:`lora_analysis.analysis.base_svd.base_svd` (computed once per distinct W0 and cached on disk); the top-k
+of W0 + ΔW from :func:`~lora_analysis.analysis.base_svd.top_left_singular` (``method="auto"``: subspace
+iteration with products by W0 and the factors, the exact dense SVD for small matrices or when it does not
+converge; ``method="exact"``: always the dense SVD). The frames take any iterable of updates and hold one
+at a time, so a generator that loads W0 module by module (:func:`lora_analysis.analysis.sources.iter_updates`)
+keeps one module's W0 in memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..weights import ModuleUpdate, as_update_list
-from .spectra import Spectrum, base_spectrum, dense_svd
+from ..weights import ModuleUpdate
+from .base_svd import BaseSVD, base_svd, exact_top_left_singular, top_left_singular
+from .spectra import Spectrum
 
 DEFAULT_K = 10
 DEFAULT_EPSILON = 0.5
+METHODS = ("auto", "exact")
+
+
+def iter_updates_lazily(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> Iterator[ModuleUpdate]:
+    """Updates one at a time, without listing them first (a generator's W0s are never all alive at once)."""
+    yield from (updates.values() if isinstance(updates, Mapping) else updates)
 
 
 def _check(k: int, eps: float) -> None:
@@ -82,23 +94,39 @@ class IntruderResult:
 
 
 def intruder_dimensions(update: ModuleUpdate, k: int = DEFAULT_K, epsilon: float = DEFAULT_EPSILON,
-                        base: Spectrum | None = None) -> IntruderResult:
-    """Count the intruders among the top-k left singular vectors of W0 + ΔW (``base``: W0's spectrum,
-    if already computed)."""
+                        base: Spectrum | BaseSVD | None = None, *, method: str = "auto",
+                        device: str | None = "auto", cache: bool | None = None) -> IntruderResult:
+    """Count the intruders among the top-k left singular vectors of W0 + ΔW.
+
+    ``base``: W0's SVD if already at hand (else :func:`base_svd`, cached by ``cache``); ``method``: "auto"
+    (truncated where it converges, see :mod:`lora_analysis.analysis.base_svd`) or "exact"; ``device``: where
+    the SVDs run ("auto": a GPU when present).
+    """
     _check(k, epsilon)
-    base = base_spectrum(update) if base is None else base
-    ft = dense_svd(fine_tuned_weight(update), torch.float64 if update.w0.numel() <= 2048 * 2048 else None)
-    k_eff = min(k, ft.U.shape[1])
-    return IntruderResult(update.name, update.kind, max_cosines(base.U, ft.U[:, :k_eff]), float(epsilon))
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed: choose one of {', '.join(METHODS)}")
+    if update.w0 is None:
+        fine_tuned_weight(update)          # raises the "needs the base model" error
+    base = base_svd(update.w0, device=device, cache=cache) if base is None else base
+    if method == "exact":
+        top = exact_top_left_singular(fine_tuned_weight(update), k, device=device)
+    else:
+        top = top_left_singular(update, k, device=device, base_u=base.U)
+    return IntruderResult(update.name, update.kind, max_cosines(base.U, top.U), float(epsilon))
 
 
 def intruders_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], k: int = DEFAULT_K,
-                    epsilon: float = DEFAULT_EPSILON) -> pd.DataFrame:
+                    epsilon: float = DEFAULT_EPSILON, *, method: str = "auto", device: str | None = "auto",
+                    progress: Callable[[str], None] | None = None) -> pd.DataFrame:
     """One row per module: name, kind, k, epsilon, intruders (count), intruder_indices, min_max_cos.
-    The total is ``frame["intruders"].sum()``."""
+    The total is ``frame["intruders"].sum()``. ``updates`` may be a generator (one W0 alive at a time);
+    ``progress(name)`` is called after each module."""
     rows = []
-    for u in as_update_list(updates):
-        res = intruder_dimensions(u, k, epsilon)
+    for u in iter_updates_lazily(updates):
+        res = intruder_dimensions(u, k, epsilon, method=method, device=device)
+        if progress is not None:
+            progress(u.name)
+        del u                       # dropped before the next W0 is read
         rows.append({"name": res.name, "kind": res.kind, "k": res.k, "epsilon": res.epsilon, "intruders": res.count,
                      "intruder_indices": res.intruders,
                      "min_max_cos": float(res.max_cos.min()) if res.k else float("nan")})
@@ -120,11 +148,12 @@ def intruder_sweep(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate],
             _check(k, e)
     k_max = max(ks)
     rows = []
-    for u in as_update_list(updates):
+    for u in iter_updates_lazily(updates):
         res = intruder_dimensions(u, k_max, DEFAULT_EPSILON)
         for k in ks:
             head = res.max_cos[:k]
             for e in epsilons:
                 rows.append({"label": label or u.kind, "name": u.name, "kind": u.kind, "k": k,
                              "epsilon": float(e), "intruders": int(np.sum(head < e))})
+        del u                       # dropped before the next W0 is read
     return pd.DataFrame(rows, columns=["label", "name", "kind", "k", "epsilon", "intruders"])

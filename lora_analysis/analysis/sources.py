@@ -2,22 +2,26 @@
 
 The analyses themselves take :class:`lora_analysis.weights.ModuleUpdate` (or plain tensors); this module
 only turns files into those. Base weights come from a ``.safetensors`` file (keys ``<module>.weight``),
-a Hugging Face model folder or a hub id; reading them lives in the storage floor
-(:mod:`lora_analysis.store.base_weights`), which the run store shares.
+a Hugging Face model folder (single file or sharded) or a hub id (the local cache first); reading them lives
+in the storage floor (:mod:`lora_analysis.store.base_weights`), which the run store shares.
+
+:func:`load_updates` holds every adapted module's W0 at once (fine for small models); :func:`iter_updates`
+yields the updates one by one, each with its W0 read just then, for analyses over a large base.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
 from ..lora.adapter_io import Adapter
-from ..store.base_weights import Shapes, load_base_weights, orient_out_in
+from ..store.base_weights import BaseSource, Shapes, iter_base_weights, load_base_weights, open_base, orient_out_in
 from ..weights import ModuleUpdate
 
-__all__ = ["Shapes", "adapter_shapes", "load_base_weights", "load_updates", "orient_out_in", "updates_from_adapter"]
+__all__ = ["BaseSource", "Shapes", "adapter_shapes", "iter_updates", "load_base_weights", "load_updates", "open_base",
+           "orient_out_in", "updates_from_adapter"]
 
 
 def adapter_shapes(adapter: Adapter) -> dict[str, tuple[int, int]]:
@@ -58,3 +62,23 @@ def load_updates(adapter_dir: str | os.PathLike, base: str | os.PathLike | None 
         base_weights = load_base_weights(base, adapter_shapes(adapter),
                                          bool(adapter.raw_config.get("fan_in_fan_out", False)))
     return adapter, updates_from_adapter(adapter, base_weights)
+
+
+def iter_updates(adapter: Adapter | str | os.PathLike, base: str | os.PathLike | BaseSource,
+                 revision: str | None = None) -> Iterator[ModuleUpdate]:
+    """One :class:`ModuleUpdate` per adapted module, W0 included, read from ``base`` module by module.
+
+    Every module's key is matched (and a mismatch raised) before the first W0 is read. A caller that keeps
+    only the current update holds one module's W0 at a time. ``base``: as for :func:`load_base_weights`, or
+    a :class:`BaseSource` from :func:`open_base` (whose ``describe()`` says what was read).
+    """
+    from ..lora.adapter_io import read_adapter
+
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    for name, w0 in iter_base_weights(base, adapter_shapes(adapter),
+                                      bool(adapter.raw_config.get("fan_in_fan_out", False)), revision):
+        module = adapter.modules[name]
+        update = ModuleUpdate(name, w0=w0, lora_A=module.lora_A, lora_B=module.lora_B, scaling=module.scaling)
+        del w0                      # the caller's update is the only holder while the next W0 is read
+        yield update
+        del update

@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"intruders: top-k singular vectors (default {DEFAULT_K})")
     p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                    help=f"intruders: cosine threshold (default {DEFAULT_EPSILON})")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="where W0's SVDs run (default auto: a GPU when present); each module's base SVD is "
+                        "cached on disk, so a second adapter on the same base skips it")
     p.set_defaults(func=run_spectra)
 
     s = sub.add_parser("similarity", help=help_for("similarity"), epilog=SIMILARITY_EXAMPLES,
@@ -88,18 +91,30 @@ def _records(frame: pd.DataFrame, columns: list[str] | None = None) -> list[dict
 
 
 def run_spectra(args: argparse.Namespace) -> int:
-    adapter, updates = load_updates(args.adapter, args.base)
+    adapter, updates = load_updates(args.adapter)      # the factors only: W0 is streamed module by module below
     inputs = registry.Inputs.from_updates({str(args.adapter): updates})
     results = [SPECTRA.run(inputs)]
-    if args.base is not None:
-        results += [AMPLIFICATION.run(inputs), INTRUDERS.run(inputs, k=args.k, epsilon=args.epsilon)]
     frame = results[0].value
-    amp = results[1].value if args.base is not None else None
-    intr = results[2].value.modules.drop(columns=["label"]) if args.base is not None else None
+    amp = intr = norms = source = None
+    if args.base is not None:
+        from ..analysis.against_base import analyse_against_base
+        from ..analysis.sources import iter_updates, open_base
+
+        source = open_base(args.base)
+        base = analyse_against_base(iter_updates(adapter, source), k=args.k, epsilon=args.epsilon,
+                                    device=args.device, progress=sys.stderr.isatty(), total=len(adapter.modules))
+        amp, intr, norms = base.amplification, base.intruders, base.norms
+        if args.html:     # the report's sections come from the registry, which holds every W0 at once
+            _, with_w0 = load_updates(args.adapter, source)
+            full = registry.Inputs.from_updates({str(args.adapter): with_w0})
+            results += [AMPLIFICATION.run(full), INTRUDERS.run(full, k=args.k, epsilon=args.epsilon)]
     if args.html:
         _write_html(args, results)
     if args.json:
         out = {"adapter": str(adapter.path), "base": args.base, "modules": _records(frame, JSON_COLUMNS),
+               "base_read": None if source is None else source.describe(),
+               "base_revision": None if source is None else source.revision,
+               "relative_norms": None if norms is None else _records(norms),
                "amplification": None if amp is None else _records(amp),
                "intruders": None if intr is None else {"k": args.k, "epsilon": args.epsilon,
                                                        "total": int(intr["intruders"].sum()),

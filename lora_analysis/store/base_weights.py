@@ -1,27 +1,47 @@
-"""Base weights W0 (out, in) of named modules, read from a source the caller names.
+"""Base weights W0 (out, in) of named modules, streamed one module at a time from checkpoint files.
+
+Where W0 comes from (what ``spec`` may name):
 
     a ``.safetensors`` file          keys ``<module>.weight`` (a checkpoint) or ``<module>`` (a run's W0)
-    a Hugging Face model folder      only the needed tensors, from model.safetensors or its sharded index;
-                                     transformers loads the whole model only when the files cannot say
-    a hub id (+ revision)            the folder's files fetched at that revision, then as a folder
+    a Hugging Face model folder      model.safetensors, or the shards listed by model.safetensors.index.json
+    a hub id (+ revision)            the local Hugging Face cache first (offline), else fetched from the hub;
+                                     the commit actually read is recorded (``BaseSource.revision``)
 
-Nothing here trains or rebuilds a model, and a hub id is only fetched when a caller names it. transformers
-and huggingface_hub are imported only on the paths that need them.
+Only the adapted modules' tensors are read, each through ``safetensors.safe_open`` (a memory map of the
+file, opened for that one tensor and closed again), and :func:`iter_base_weights` yields them one by one:
+a caller that keeps only the current one holds one module's W0 at a time, whatever the model's size. The
+model itself is never built. transformers loads the whole model only when the files cannot answer: a
+folder with no safetensors weights (pytorch_model.bin only), or a square weight of a Conv1D model
+(GPT-2 family) whose orientation neither its module name nor ``fan_in_fan_out`` tells.
+
+Key matching (exact, and explained when it fails): the adapter's module name, with PEFT's
+``base_model.model.`` prefix removed, is looked up as ``<name>.weight``, then under the name with a leading
+``model.``/``transformer.`` added or removed, then as the unique key equal up to leading path parts; an
+untied checkpoint's missing ``lm_head`` is read from the input embedding when the config ties them. A
+module found nowhere raises ``ValueError`` naming it and the nearest keys the checkpoint has.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
 Shapes = Mapping[str, tuple[int, int]]
 SAFETENSORS_FILE, SAFETENSORS_INDEX, CONFIG_FILE = "model.safetensors", "model.safetensors.index.json", "config.json"
-# architectures whose transformers modules include Conv1D, which stores its weight (in, out)
+PEFT_PREFIX = "base_model.model."
+MODEL_PREFIXES = ("model.", "transformer.")
+# architectures whose transformers modules include Conv1D, which stores its weight (in, out) ...
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+# ... and the module names of their Conv1D layers (GPT-2's attention and MLP): the rest are nn.Linear
+CONV1D_LEAVES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+OUTPUT_EMBEDDINGS = frozenset({"lm_head", "embed_out"})
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 def orient_out_in(weight: torch.Tensor, shape: tuple[int, int], name: str,
@@ -50,19 +70,44 @@ def _names_and_shapes(module_names: Iterable[str] | Shapes) -> tuple[list[str], 
     return list(module_names), None
 
 
-def _match_key(name: str, keys: Iterable[str]) -> str | None:
-    """The tensor key for ``<name>.weight``: exact, else the module name itself (a run's
-    base_weights.safetensors is keyed by module), else the unique key equal up to leading path parts
-    (a PEFT name ``transformer.h.0.attn.c_attn`` against a checkpoint key ``h.0.attn.c_attn.weight``)."""
-    keys = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
-    exact = f"{name}.weight"
-    if exact in keys:
-        return exact
-    if name in keys:
-        return name
-    hits = [k for k in keys if k.endswith(".weight")
-            and (exact.endswith("." + k) or k.endswith("." + exact))]
-    return hits[0] if len(hits) == 1 else None
+# ---- where the tensors are ------------------------------------------------------------------------------
+
+@dataclass
+class BaseSource:
+    """A resolved base model: which file holds each tensor key, and what the checkpoint says about itself.
+
+    Attributes:
+        spec: what the caller named (path or hub id).
+        kind: ``"file"`` (one .safetensors file), ``"folder"`` (a model folder), ``"hub"`` (a hub id, read
+            from the local cache or fetched).
+        files: {tensor key: safetensors file}; empty when the folder has no safetensors weights.
+        folder: the model folder (None for a single file).
+        model_type: config.json's ``model_type`` (None without a config).
+        revision: for a hub id, the commit whose files were read.
+        tied_embeddings: config.json's ``tie_word_embeddings`` (transformers' default: True).
+    """
+
+    spec: str
+    kind: str
+    files: dict[str, Path] = field(repr=False)
+    folder: Path | None = None
+    model_type: str | None = None
+    revision: str | None = None
+    tied_embeddings: bool = True
+
+    @property
+    def conv1d(self) -> bool:
+        return self.model_type in CONV1D_MODEL_TYPES
+
+    def describe(self) -> str:
+        """One line saying what was read, e.g. for a page or a JSON result."""
+        n_files = len(set(self.files.values()))
+        where = {"file": f"file {self.spec}", "folder": f"model folder {self.folder}",
+                 "hub": f"hub model {self.spec} at revision {self.revision} ({self.folder})"}[self.kind]
+        return f"{where}: {len(self.files)} tensors in {n_files} safetensors file(s)"
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 def _open(path: Path):
@@ -74,103 +119,250 @@ def _open(path: Path):
         raise ValueError(f"base weights '{path}' are not a readable safetensors file ({exc})") from exc
 
 
-def _read(keys: Mapping[str, tuple[str, Path]], shapes: Shapes | None, fan_in_fan_out: bool
-          ) -> dict[str, torch.Tensor]:
-    """``{name: (key, file)}`` → ``{name: W0}``, each file opened once; oriented (out, in) when shapes are known.
-
-    A run's base_weights.safetensors is keyed by bare module name and already (out, in); a checkpoint's
-    ``<name>.weight`` of a Conv1D is (in, out), which ``fan_in_fan_out`` says for square weights.
-    """
-    by_file: dict[Path, list[str]] = {}
-    for name, (_, path) in keys.items():
-        by_file.setdefault(path, []).append(name)
-    out = {}
-    for path, names in by_file.items():
-        with _open(path) as handle:
-            for name in names:
-                key = keys[name][0]
-                weight = handle.get_tensor(key)
-                transposed = fan_in_fan_out and key != name
-                if shapes is not None:
-                    weight = orient_out_in(weight, shapes[name], name, transposed)
-                elif transposed:
-                    weight = weight.T
-                out[name] = weight.contiguous()
-    return out
-
-
-def _from_safetensors(path: Path, names: list[str], shapes: Shapes | None,
-                      fan_in_fan_out: bool) -> dict[str, torch.Tensor]:
+def _file_keys(path: Path) -> dict[str, Path]:
     with _open(path) as handle:
-        available = set(handle.keys())
-    keys = {}
-    for name in names:
-        key = _match_key(name, available)
-        if key is None:
-            raise ValueError(f"base weights '{path}' hold no tensor '{name}.weight' for adapted module "
-                             f"'{name}' (is this the right base model?)")
-        keys[name] = (key, path)
-    return _read(keys, shapes, fan_in_fan_out)
+        return {key: path for key in handle.keys()}
 
 
-def _folder_keys(folder: Path) -> dict[str, Path] | None:
-    """``{tensor key: file}`` of a model folder's safetensors weights, or None when it has none."""
+def _folder_keys(folder: Path) -> dict[str, Path]:
+    """``{tensor key: file}`` of a model folder's safetensors weights ({} when it has none)."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            files = {str(key): folder / str(file) for key, file in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"'{index}' is not a safetensors index ({exc})") from exc
-        return {key: folder / file for key, file in weight_map.items()}
+        missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if missing:
+            raise ValueError(f"'{index}' lists shard(s) {', '.join(missing)} that are not in {folder}")
+        return files
     single = folder / SAFETENSORS_FILE
-    if single.is_file():
-        with _open(single) as handle:
-            return {key: single for key in handle.keys()}
-    return None
+    return _file_keys(single) if single.is_file() else {}
 
 
-def _model_type(folder: Path) -> str | None:
+def _config(folder: Path) -> dict:
     try:
-        return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        value = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _folder_source(folder: Path, spec: str, kind: str = "folder", revision: str | None = None) -> BaseSource:
+    config = _config(folder)
+    return BaseSource(spec, kind, _folder_keys(folder), folder, config.get("model_type"), revision,
+                      bool(config.get("tie_word_embeddings", True)))
+
+
+def _hub_source(repo_id: str, revision: str | None) -> BaseSource:
+    """The local cache's snapshot of ``repo_id`` at ``revision`` (None: the cached ``main``); fetched from the
+    hub only when it is not cached. The snapshot folder's name is the commit that was read."""
+    import huggingface_hub
+
+    patterns = [CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, "model-*-of-*.safetensors"]
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                                   local_files_only=True)
+    except (OSError, ValueError):             # not cached (LocalEntryNotFoundError is an OSError)
+        try:
+            folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        except (OSError, ValueError) as exc:  # hub errors are OSErrors; a malformed id is a ValueError
+            at = f" at revision {revision}" if revision else ""
+            raise ValueError(f"base model '{repo_id}'{at} is neither in the local Hugging Face cache nor could it "
+                             f"be fetched from the hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from exc
+    folder = Path(folder)
+    return _folder_source(folder, repo_id, "hub", folder.name)
+
+
+def open_base(spec: str | os.PathLike | BaseSource, revision: str | None = None) -> BaseSource:
+    """Resolve ``spec`` (a .safetensors file, a model folder, a hub id) to a :class:`BaseSource`, reading only
+    file headers, the index and config.json. Raises ``ValueError`` when it names nothing usable."""
+    if isinstance(spec, BaseSource):
+        return spec
+    path = Path(spec).expanduser()
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"base weights file '{path}' does not exist")
+        if path.suffix != ".safetensors":
+            raise ValueError(f"base weights '{path}' must be a .safetensors file or a model directory "
+                             "(pickled .bin/.pt files are not loaded for safety)")
+        return BaseSource(str(spec), "file", _file_keys(path))
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return BaseSource(str(files[0]), "file", _file_keys(files[0]))
+        if (path / SAFETENSORS_INDEX).is_file():
+            return _folder_source(path, str(spec))
+        raise ValueError(f"base model directory '{path}' has no config.json (and not exactly one "
+                         ".safetensors file): give a Hugging Face model directory or a .safetensors file")
+    if path.is_dir():
+        return _folder_source(path, str(spec))
+    text = str(spec)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ValueError(f"base model or weights '{spec}' does not exist")   # a path, not a hub id
+    return _hub_source(text, revision)
+
+
+# ---- which key holds each module ------------------------------------------------------------------------
+
+def _candidates(name: str) -> list[str]:
+    """Module paths to try for an adapter's module ``name``, most literal first."""
+    bare = name.removeprefix(PEFT_PREFIX)
+    out = [name, bare]
+    for prefix in MODEL_PREFIXES:
+        out.append(bare.removeprefix(prefix) if bare.startswith(prefix) else prefix + bare)
+    return list(dict.fromkeys(out))
+
+
+def _match_key(name: str, keys: Iterable[str]) -> str | None:
+    """The tensor key holding module ``name``'s weight, or None: ``<path>.weight`` for the candidate paths
+    (see :func:`_candidates`), else the module name itself (a run's base_weights.safetensors is keyed by
+    module), else the unique key equal up to leading path parts (``transformer.h.0.attn.c_attn`` against
+    ``h.0.attn.c_attn.weight``). Several such keys raise ``ValueError`` listing them."""
+    keys = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+    for path in _candidates(name):
+        if f"{path}.weight" in keys:
+            return f"{path}.weight"
+    if name in keys:
+        return name
+    exact = f"{name.removeprefix(PEFT_PREFIX)}.weight"
+    hits = sorted(k for k in keys if k.endswith(".weight") and (exact.endswith("." + k) or k.endswith("." + exact)))
+    if len(hits) > 1:
+        raise ValueError(f"adapted module '{name}' matches several base tensors ({', '.join(hits[:5])}): "
+                         "name the module by its full path")
+    return hits[0] if hits else None
+
+
+def _tied_key(name: str, source: BaseSource) -> str | None:
+    """For an output embedding (lm_head) the checkpoint leaves out because it is tied: the input embedding."""
+    if name.rsplit(".", 1)[-1] not in OUTPUT_EMBEDDINGS or not source.tied_embeddings:
         return None
+    hits = [k for k in source.files if k.endswith(INPUT_EMBEDDINGS)]
+    return hits[0] if len(hits) == 1 else None
 
 
-def _from_folder(folder: Path, names: list[str], shapes: Shapes | None, fan_in_fan_out: bool | None,
-                 spec: str, revision: str | None) -> dict[str, torch.Tensor]:
-    """The needed tensors straight from the folder's safetensors files. transformers loads the whole model
-    (``spec`` at ``revision``) only when the files cannot answer: no safetensors weights, a module whose
-    tensor is not stored (tied weights) or not there at all, or a Conv1D model's square weight whose
-    orientation neither its shape nor ``fan_in_fan_out`` tells."""
-    files = _folder_keys(folder)
-    conv1d = _model_type(folder) in CONV1D_MODEL_TYPES
-    ambiguous = conv1d and not fan_in_fan_out and (shapes is None or any(o == i for o, i in shapes.values()))
-    if files is not None and not ambiguous:
-        keys = {name: _match_key(name, files) for name in names}
-        if all(keys.values()):
-            return _read({n: (k, files[k]) for n, k in keys.items()}, shapes, bool(fan_in_fan_out and conv1d))
-    return _from_transformers(spec, names, shapes, revision)
+def _missing(name: str, source: BaseSource) -> ValueError:
+    bare = name.removeprefix(PEFT_PREFIX)
+    near = difflib.get_close_matches(f"{bare}.weight", list(source.files), n=3, cutoff=0.5)
+    hint = f"; nearest keys: {', '.join(near)}" if near else ""
+    tried = ", ".join(f"'{c}.weight'" for c in _candidates(name) if c != bare)
+    return ValueError(f"adapted module '{name}' does not exist in base model '{source.spec}': it holds no tensor "
+                      f"'{bare}.weight' (also tried {tried} and any key ending so){hint}. Is this the right "
+                      "base model?")
 
 
-def _from_transformers(spec: str, names: list[str], shapes: Shapes | None,
+@dataclass(frozen=True)
+class _Plan:
+    name: str
+    key: str
+    file: Path
+    stored_in_out: bool | None      # True: Conv1D (in, out); False: (out, in); None: by shape (not square)
+
+
+def _plan(source: BaseSource, names: list[str], shapes: Shapes | None, fan_in_fan_out: bool | None
+          ) -> list[_Plan] | None:
+    """Where each module's W0 is and how it is stored, before any tensor is read; None when only
+    transformers can tell (no safetensors weights, or a Conv1D model's square weight of unknown layout)."""
+    if not source.files:
+        return None
+    plans = []
+    for name in names:
+        key = _match_key(name, source.files) or _tied_key(name, source)
+        if key is None:
+            raise _missing(name, source)
+        if key == name:                         # a run's own W0: stored (out, in) under the bare name
+            stored = False
+        elif source.kind == "file" or source.model_type is None:
+            stored = bool(fan_in_fan_out)       # no config to ask: PEFT's flag says it
+        elif source.conv1d:
+            leaf = name.rsplit(".", 1)[-1]
+            stored = True if leaf in CONV1D_LEAVES else (False if key.endswith(INPUT_EMBEDDINGS) else None)
+            square = shapes is None or shapes[name][0] == shapes[name][1]
+            if stored is None and square:
+                return None                     # a square weight of an unknown layer of a Conv1D model
+        else:
+            stored = False
+        plans.append(_Plan(name, key, source.files[key], stored))
+    if shapes is not None:
+        _check_shapes(plans, shapes)
+    return plans
+
+
+def _check_shapes(plans: list[_Plan], shapes: Shapes) -> None:
+    """Every stored shape against the adapter's, from the file headers alone (no tensor is read), so a wrong
+    base fails before any work."""
+    by_file: dict[Path, list[_Plan]] = {}
+    for plan in plans:
+        by_file.setdefault(plan.file, []).append(plan)
+    for path, group in by_file.items():
+        with _open(path) as handle:
+            for plan in group:
+                stored = tuple(handle.get_slice(plan.key).get_shape())
+                orient_out_in(torch.empty(stored, device="meta"), shapes[plan.name], plan.name,
+                              bool(plan.stored_in_out))
+
+
+def _read_one(plan: _Plan, shapes: Shapes | None) -> torch.Tensor:
+    with _open(plan.file) as handle:            # a memory map of this one tensor's file, closed at once
+        weight = handle.get_tensor(plan.key)
+    if shapes is not None:
+        weight = orient_out_in(weight, shapes[plan.name], plan.name, bool(plan.stored_in_out))
+    elif plan.stored_in_out:
+        weight = weight.T
+    return weight.contiguous()
+
+
+def iter_base_weights(spec: str | os.PathLike | BaseSource, module_names: Iterable[str] | Shapes,
+                      fan_in_fan_out: bool | None = None, revision: str | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(module name, W0)`` for each adapted module, one at a time, W0 (out, in) in the dtype stored.
+
+    Every key is matched (and every mismatch raised) before the first tensor is read; then each tensor is
+    read alone, so the generator itself holds one module's weight at a time. Modules come grouped by
+    file (shard by shard), in the order asked within each. Same arguments as :func:`load_base_weights`;
+    ``spec`` may also be an already resolved :class:`BaseSource`.
+    """
+    names, shapes = _names_and_shapes(module_names)
+    source = open_base(spec, revision)
+    plans = _plan(source, names, shapes, fan_in_fan_out)
+    if plans is None:
+        # only transformers can say: this loads the whole model (see the module docstring)
+        yield from _from_transformers(source, names, shapes, revision).items()
+        return
+    order = {f: i for i, f in enumerate(dict.fromkeys(p.file for p in plans))}
+    for plan in sorted(plans, key=lambda p: order[p.file]):
+        yield plan.name, _read_one(plan, shapes)
+
+
+def _from_transformers(source: BaseSource, names: list[str], shapes: Shapes | None,
                        revision: str | None = None) -> dict[str, torch.Tensor]:
+    """The fallback that builds the model: only for folders the files alone cannot answer for."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError as exc:  # pragma: no cover - transformers is a requirement
-        raise ValueError("loading a base model by name needs the transformers package") from exc
+        raise ValueError("loading a base model without safetensors weights needs the transformers package") from exc
     from ..lora.layer import weight_out_in
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load base model '{spec}' with transformers: {str(exc).splitlines()[0]}") \
-            from exc
+    spec = str(source.folder) if source.folder is not None else source.spec
+    model, errors = None, []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):   # an encoder is no causal LM
+        try:
+            model = auto.from_pretrained(spec, revision=None if source.kind != "hub" else source.revision)
+            break
+        except (OSError, ValueError) as exc:
+            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if model is None:
+        raise ValueError(f"could not load base model '{source.spec}' with transformers: {errors[0]}")
     modules = dict(model.named_modules())
+    weights = {f"{n}.weight" for n, m in modules.items() if hasattr(m, "weight")}
     out = {}
     for name in names:
-        module = modules.get(name)
+        key = _match_key(name, weights)            # the same matching as for checkpoint keys
+        module = modules.get(key.removesuffix(".weight")) if key else None
         if module is None or not hasattr(module, "weight"):
-            raise ValueError(f"adapted module '{name}' does not exist in base model '{spec}' (is this the "
+            raise ValueError(f"adapted module '{name}' does not exist in base model '{source.spec}' (is this the "
                              "right base model?)")
         weight = weight_out_in(module).detach()          # Conv1D stores (in, out): known exactly here
         if shapes is not None:
@@ -179,55 +371,22 @@ def _from_transformers(spec: str, names: list[str], shapes: Shapes | None,
     return out
 
 
-def _from_hub(repo_id: str, revision: str | None, names: list[str], shapes: Shapes | None,
-              fan_in_fan_out: bool | None) -> dict[str, torch.Tensor]:
-    """Fetch the config and safetensors weights of ``repo_id`` at ``revision`` (None: the current one)."""
-    import huggingface_hub
-
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision,
-            allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, "model-*-of-*.safetensors"])
-    except (OSError, ValueError) as exc:      # hub errors are OSErrors; a malformed id is a ValueError
-        at = f" at revision {revision}" if revision else ""
-        raise ValueError(f"could not fetch base model '{repo_id}'{at} from the Hugging Face hub: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    return _from_folder(Path(folder), names, shapes, fan_in_fan_out, repo_id, revision)
-
-
-def load_base_weights(spec: str | os.PathLike, module_names: Iterable[str] | Shapes,
+def load_base_weights(spec: str | os.PathLike | BaseSource, module_names: Iterable[str] | Shapes,
                       fan_in_fan_out: bool | None = None, revision: str | None = None) -> dict[str, torch.Tensor]:
-    """W0 for the adapted modules, each (out, in), in the dtype stored.
+    """W0 for the adapted modules, each (out, in), in the dtype stored, all at once (see
+    :func:`iter_base_weights` to hold one at a time).
 
     Args:
         spec: a ``.safetensors`` file with keys ``<module>.weight`` (or ``<module>``), a Hugging Face model
-            folder, or a hub id.
+            folder (single file or sharded), or a hub id (the local cache first).
         module_names: names of the adapted modules, or ``{name: (out, in)}``; with shapes, weights stored
             (in, out) (Conv1D) are transposed and a weight of neither shape raises ``ValueError``.
         fan_in_fan_out: whether the model stores its weights (in, out) (PEFT's flag, GPT-2's Conv1D); needed
-            only for square weights, whose shape cannot tell. For a model folder, None lets its config decide.
-        revision: for a hub id, the commit (or branch/tag) to fetch; ignored for local paths.
+            only for square weights of a bare .safetensors file. A model folder's config decides by itself.
+        revision: for a hub id, the commit (or branch/tag) to read; ignored for local paths.
 
     Raises ``ValueError`` for a missing file, an unloadable model, a missing module or a wrong shape.
     """
-    names, shapes = _names_and_shapes(module_names)
-    path = Path(spec).expanduser()
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise ValueError(f"base weights file '{path}' does not exist")
-        if path.suffix != ".safetensors":
-            raise ValueError(f"base weights '{path}' must be a .safetensors file or a model directory "
-                             "(pickled .bin/.pt files are not loaded for safety)")
-        return _from_safetensors(path, names, shapes, bool(fan_in_fan_out))
-    if path.is_dir() and not (path / CONFIG_FILE).is_file():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) == 1:
-            return _from_safetensors(files[0], names, shapes, bool(fan_in_fan_out))
-        raise ValueError(f"base model directory '{path}' has no config.json (and not exactly one "
-                         ".safetensors file): give a Hugging Face model directory or a .safetensors file")
-    if path.is_dir():
-        return _from_folder(path, names, shapes, fan_in_fan_out, str(path), None)
-    text = str(spec)
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
-        raise ValueError(f"base model or weights '{spec}' does not exist")   # a path, not a hub id
-    return _from_hub(str(spec), revision, names, shapes, fan_in_fan_out)
+    names, _ = _names_and_shapes(module_names)
+    got = dict(iter_base_weights(spec, module_names, fan_in_fan_out, revision))
+    return {name: got[name] for name in names}
