@@ -179,8 +179,17 @@ def _sweep_validate(spec: dict) -> None:
     sweep_settings(**sweep)
 
 
+# The toy built-ins are tiny: on torch's default thread count they spend their time synchronising threads,
+# and on a busy machine a seconds-long demo takes minutes. One thread is fastest for them.
+SINGLE_THREAD_MODELS = ("mlp-digits", "tiny-gpt")
+
+
 def _sweep_run(spec: dict, report, cancelled, home: Path) -> list[str]:
+    import torch
+
     from .training.sweep import run_sweep_job
+    if spec.get("model", "mlp-digits") in SINGLE_THREAD_MODELS:
+        torch.set_num_threads(1)
     return run_sweep_job(spec, progress=report, cancelled=cancelled, home=home)
 
 
