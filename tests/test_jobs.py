@@ -101,6 +101,7 @@ def test_a_job_whose_pid_was_reused_is_interrupted_and_cancel_never_signals_it(l
         jobs.cancel_job(dataclasses.replace(job, status="running"))
         assert signals == [] and stranger.poll() is None
     finally:
+        monkeypatch.undo()          # Popen.kill goes through os.kill: restore it, or wait() sits out the sleep
         stranger.kill()
         stranger.wait()
 
@@ -122,6 +123,7 @@ def test_cancel_signals_a_live_worker(lora_home, monkeypatch):
         jobs.cancel_job(job)
         assert signals == [(worker.pid, signal.SIGTERM)]
     finally:
+        monkeypatch.undo()
         worker.kill()
         worker.wait()
 
