@@ -170,3 +170,23 @@ def test_user_csv_for_classification(lora_home, tmp_path):
     (tmp_path / "garbled.csv").write_bytes(b'a,b\n"1,2\n\x00\x00')
     with pytest.raises(ValueError, match="garbled.csv"):
         prepare_task("mlp-digits", str(tmp_path / "garbled.csv"))
+
+
+def test_bshift_task_pairs_each_docs_sentence_with_its_bigram_shift():
+    """The built-in text task: every documentation sentence as written (label 0) and with two adjacent inner
+    words swapped (label 1), the pair in one group (never split between training and validation)."""
+    from lora_analysis.training.data import bshift_table, split_text_classification
+
+    table = bshift_table()
+    assert len(table.texts) > 1500 and table.classes == ["original", "shifted"]
+    assert table.y.tolist() == [0, 1] * (len(table.texts) // 2)
+    for original, shifted in zip(table.texts[::2], table.texts[1::2]):
+        a, b = original.split(), shifted.split()
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        assert len(diff) == 2 and diff[1] == diff[0] + 1 and 0 < diff[0] and diff[1] < len(a) - 1
+        assert (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+    n = 40
+    ids = torch.arange(n)[:, None].repeat(1, 3)
+    split = split_text_classification(ids, torch.ones_like(ids), table.y[:n], 2, table.groups[:n])
+    train_groups = {table.groups[int(i)] for i in split.x_train[:, 0]}
+    assert not train_groups & {table.groups[int(i)] for i in split.x_val[:, 0]} and len(split.y_val) == 8

@@ -1,7 +1,10 @@
-"""Hugging Face causal LMs, offline: tiny GPT-2 and Llama built from configs, saved to tmp_path, fine-tuned
-with LoRA; the run's adapter loads with PEFT on the same base and gives the same logits."""
+"""Hugging Face models, offline: tiny GPT-2 and Llama (causal LMs) and a tiny BERT (sequence classification)
+built from configs, saved to tmp_path, fine-tuned with LoRA; the run's adapter loads with PEFT on the same
+base and gives the same logits. The tokenizer is loaded the way the model is."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,6 +14,56 @@ from peft import PeftModel
 from lora_analysis import runstore
 from lora_analysis.lora import lora_layers
 from lora_analysis.training import TrainConfig, prepare_task, train
+
+WORDS = "good great fine nice bad awful poor sad the movie was film plot and very really a it".split()
+
+
+def _save_tokenizer(path, kind: str = "bpe") -> None:
+    """A real (tiny) tokenizer, trained here: byte-level BPE with 300 ids, or a BERT WordPiece with [CLS]/[SEP]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(["def f(x): return x + 1, the docs of python"] * 5,
+                                trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator([" ".join(WORDS)] * 5, trainers.WordPieceTrainer(
+            vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(path)
+
+
+def _save_tiny_bert(path, tokenizer: bool = True) -> str:
+    """A pretrained-encoder folder as the Hub has them: BertModel weights (no classification head)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    transformers.BertModel(cfg).save_pretrained(path)
+    if tokenizer:
+        _save_tokenizer(path, "wordpiece")
+    return str(path)
+
+
+def _sentiment_csv(path, rows: int = 48) -> str:
+    """Texts whose label shows in their words: "pos" texts hold good/great/fine/nice, "neg" ones bad/awful/..."""
+    g = torch.Generator().manual_seed(0)
+    lines = ["review,label"]
+    for i in range(rows):
+        cue = WORDS[int(torch.randint(0, 4, (1,), generator=g)) + (4 if i % 2 else 0)]
+        filler = " ".join(WORDS[8 + int(j)] for j in torch.randint(0, 10, (4,), generator=g))
+        lines.append(f"{filler} {cue} {filler},{'neg' if i % 2 else 'pos'}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def _save_tiny(kind: str, path) -> str:
@@ -31,7 +84,8 @@ def _save_tiny(kind: str, path) -> str:
                                                       for p in ("q_proj", "v_proj")])])
 def test_hf_lora_run_loads_in_peft_with_the_same_logits(lora_home, tmp_path, kind, targets):
     path = _save_tiny(kind, tmp_path / kind)
-    task = prepare_task(path, "python-docs", seq_len=32)
+    with pytest.warns(UserWarning, match="has no tokenizer"):
+        task = prepare_task(path, "python-docs", seq_len=32)
     assert task.info["tokenizer"] == "bytes" and task.task_type == "CAUSAL_LM"
     result = train(TrainConfig(model=path, data="python-docs", seq_len=32, steps=15, batch_size=4, lr=1e-2,
                                max_eval_tokens=256), task=task)
@@ -88,6 +142,7 @@ def test_a_run_records_the_revision_of_its_base(lora_home, tmp_path, monkeypatch
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
     _save_tiny("llama", repo / "snapshots" / commit)
+    _save_tokenizer(repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -137,3 +192,95 @@ def test_models_that_draw_from_the_global_rng_take_turns(lora_home, tmp_path):
     for t in threads:
         t.join()
     assert losses == {0: alone, 1: alone, 2: alone} and len(held) == 12 and all(held)
+
+
+def _hub_snapshot(tmp_path, monkeypatch, repo_id: str, tokenizer: bool):
+    """A hub cache holding ``repo_id`` (a tiny Llama), offline, as a download leaves it."""
+    import huggingface_hub
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    _save_tiny("llama", repo / "snapshots" / commit)
+    if tokenizer:
+        _save_tokenizer(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_hub_model_whose_tokenizer_cannot_be_found_is_an_error_not_bytes(lora_home, tmp_path, monkeypatch):
+    """The bug of issue 9: the model's weights came from the Hub but its tokenizer was looked up locally only,
+    the failure swallowed, and the model trained on raw bytes without a word. Now the tokenizer is resolved
+    as the model is, and a hub model without one is refused, naming the tokenizer."""
+    _hub_snapshot(tmp_path, monkeypatch, "tiny-org/no-tokenizer", tokenizer=False)
+    with pytest.raises(ValueError, match="the tokenizer of 'tiny-org/no-tokenizer' could not be loaded"):
+        prepare_task("tiny-org/no-tokenizer", "python-docs", seq_len=16)
+    _hub_snapshot(tmp_path, monkeypatch, "tiny-org/with-tokenizer", tokenizer=True)
+    task = prepare_task("tiny-org/with-tokenizer", "python-docs", seq_len=16)
+    assert task.info["tokenizer"] != "bytes" and "tokenizer_warning" not in task.info
+
+
+def test_a_folder_without_a_tokenizer_falls_back_to_bytes_loudly_and_the_run_records_it(lora_home, tmp_path):
+    path = _save_tiny_bert(tmp_path / "bert", tokenizer=False)
+    csv = _sentiment_csv(tmp_path / "reviews.csv", rows=12)
+    with pytest.warns(UserWarning, match="has no tokenizer.*UTF-8 bytes"):
+        result = train(TrainConfig(model=path, data=csv, text_field="review", steps=1, batch_size=2))
+    run = runstore.load_run(result.run_id)
+    assert run.task["tokenizer"] == "bytes (mod 120)" and "UTF-8 bytes" in run.task["tokenizer_warning"]
+    with_tokenizer = _save_tiny_bert(tmp_path / "bert2")
+    assert prepare_task(with_tokenizer, csv, text_field="review").info["tokenizer"] != "bytes (mod 120)"
+
+
+def test_hf_encoder_trains_from_a_csv_and_its_adapter_loads_in_peft(lora_home, tmp_path):
+    """A BERT folder (no head) fine-tuned for sequence classification from a CSV's text and label columns:
+    LoRA on query/value plus the new classifier head (modules_to_save, as PEFT's SEQ_CLS), which trains and
+    is saved in the adapter; PeftModel.from_pretrained gives the same logits."""
+    path = _save_tiny_bert(tmp_path / "bert")
+    csv = _sentiment_csv(tmp_path / "reviews.csv")
+    task = prepare_task(path, csv, text_field="review", label_column="label")
+    assert (task.kind, task.task_type, task.modules_to_save) == ("classification", "SEQ_CLS", ["classifier"])
+    assert task.info["classes"] == ["neg", "pos"] and task.default_targets == ["query", "value"]
+    base_head = task.build_model().classifier.weight.detach().clone()
+    torch.testing.assert_close(base_head, task.build_model().classifier.weight)      # the new head is seeded
+    result = train(TrainConfig(model=path, data=csv, text_field="review", rank=4, steps=120, batch_size=8, lr=1e-2),
+                   task=task)
+    assert result.status == "completed", result.error
+    assert sorted(lora_layers(result.model)) == [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2)
+                                                 for p in ("query", "value")]
+    assert result.metrics["val_loss"] < result.metrics["base_val_loss"] - 0.05
+    assert not torch.allclose(result.model.classifier.weight, base_head)              # the head trained
+    adapter = result.run_dir / "adapter"
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    assert "classifier" in peft_model.peft_config["default"].modules_to_save
+    inputs = {"input_ids": task.data.x_val, "attention_mask": task.data.mask_val}
+    result.model.eval()
+    with torch.no_grad():
+        ours, theirs = result.model(**inputs).logits, peft_model(**inputs).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # full fine-tuning records the encoder's Linear modules, not the new head (its W0 is no pretrained weight)
+    full = train(TrainConfig(model=path, data=csv, text_field="review", method="full", steps=2, batch_size=4),
+                 task=task)
+    updates = runstore.load_updates(full.run_id)
+    assert "classifier" not in updates and "bert.encoder.layer.0.attention.self.query" in updates
+
+
+def test_text_classification_files_and_task_names_are_checked(lora_home, tmp_path):
+    from lora_analysis.training.data import read_text_classification
+
+    path = _save_tiny_bert(tmp_path / "bert")
+    csv = _sentiment_csv(tmp_path / "reviews.csv", rows=8)
+    with pytest.raises(ValueError, match=r"no text column .*columns: review, label.*--text-column"):
+        prepare_task(path, csv)
+    with pytest.raises(ValueError, match="no label column 'stars'"):
+        prepare_task(path, csv, text_field="review", label_column="stars")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "good film", "label": 1}\n{"text": "", "label": 0}\n')
+    with pytest.raises(ValueError, match="row 2 has an empty text"):
+        read_text_classification(jsonl)
+    with pytest.raises(ValueError, match="task='regression' is not allowed"):
+        TrainConfig(model=path, task="regression").validate()
+    with pytest.raises(ValueError, match="task='causal-lm' is not allowed for the built-in model 'mlp-digits'"):
+        prepare_task("mlp-digits", task="causal-lm")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from ..device import DEVICES
 from ..lora.config import format_targets, parse_targets
 from ..lora.layer import INIT_METHODS
+from .hf import TASKS, check_task
 from .models import check_model_name
 
 METHODS = ("lora", "full")
@@ -95,6 +96,10 @@ def model_name(name: str, value: Any) -> None:
     check_model_name(value)
 
 
+def task_name(name: str, value: Any) -> None:
+    check_task(value)
+
+
 def targets_text(name: str, value: Any) -> None:
     parse_targets(value)       # raises ValueError naming a bad regex or entry
 
@@ -112,15 +117,22 @@ def device_name(name: str, value: Any) -> None:
 class RunSettings:
     """Settings shared by every run of a sweep. ``None`` means "the model's default" (``models.DEFAULTS``)."""
 
-    model: str = setting("mlp-digits", "mlp-digits, tiny-gpt, a Hugging Face hub id or a local model folder",
+    model: str = setting("mlp-digits", "mlp-digits, tiny-gpt, minilm, a Hugging Face hub id or a local model folder",
                          model_name, group="model and data")
-    data: str | None = setting(None, "CSV table (mlp-digits) or corpus name / .txt .jsonl .csv text file "
-                                     "(language models); default: the model's own task", text, group="model and data")
-    label_column: str | None = setting(None, "label column of a CSV table (default: label, target or class)", text,
-                                       group="model and data")
-    text_field: str | None = setting(None, "text field of a .jsonl/.csv text file (default: text)", text,
-                                     group="model and data")
-    seq_len: int | None = setting(None, "tokens per training window (language models; default: the model's)",
+    data: str | None = setting(None, "CSV table (mlp-digits); corpus name / .txt .jsonl .csv text file (language "
+                                     "models); bshift-python-docs / .csv .jsonl file with text and label columns "
+                                     "(encoders: minilm, BERT...); default: the model's own task", text,
+                               group="model and data")
+    label_column: str | None = setting(None, "label column of a CSV table or text-classification file (default: label, "
+                                             "target or class)", text, group="model and data")
+    text_field: str | None = setting(None, "text column of a .csv/.jsonl file: the training text (language models) "
+                                           "or the texts to classify (encoders) (default: text)", text,
+                                     group="model and data", flags=("--text-column",))
+    task: str | None = setting(None, "classification (encoders: BERT, RoBERTa, DeBERTa, ModernBERT...) or causal-lm "
+                                     "(default: what the model's config says)", task_name, group="model and data",
+                               choices=TASKS)
+    seq_len: int | None = setting(None, "tokens per training window (language models) or at most per text "
+                                        "(encoders; default: the model's)",
                                   integer(2), group="model and data")
     pretrain_steps: int | None = setting(None, "pretraining steps of a built-in base (default: the model's; "
                                                "the cache keeps one base per value)", integer(1),

