@@ -23,7 +23,6 @@ from .store.runs import (ADAPTER_DIR, BASE_REVISION_KEY, BASE_WEIGHTS, DAMAGED, 
                          runs_frame, runs_root)
 
 _read_tensors = read_tensors            # the name training/restore.py uses
-_effective_status = effective_status
 
 
 def pid_alive(pid: int | None) -> bool:
