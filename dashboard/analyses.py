@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import streamlit as st
 
-from dashboard.common import chart
+from dashboard.common import chart, reading, result_answer, table
 from dashboard.runs import restored_for, spectra_frame_for, stamp, updates_for
 from dashboard.plain_text import plain
 from lora_analysis.analysis.registry import Analysis, Inputs, Param, Result
@@ -92,19 +92,23 @@ def widgets(entry: Analysis, inputs: Inputs, keys: Mapping[str, str] | None = No
     return chosen
 
 
-def show(res: Result, key: str, tables: bool = True) -> None:
-    """A result as the report has it: prose, figures (one per row), then tables and code."""
+def show(res: Result, key: str, tables: bool = True, answer: bool = False) -> None:
+    """A result as the report has it: its answer (``answer=True``; pages that gather answers at the top
+    leave it off), prose, figures (one per row, each with how to read it), then tables and code."""
+    if answer:
+        result_answer(res)
     if res.text:
         st.caption(plain(res.text))
     for i, fig in enumerate(res.figures):
-        chart(fig, key=f"{key}_fig{i}")
+        chart(fig, key=f"{key}_fig{i}", how_to_read=reading(res, i))
     if tables:
-        show_tables(res)
+        show_tables(res, key)
 
 
-def show_tables(res: Result) -> None:
-    for caption, frame in res.tables:
+def show_tables(res: Result, key: str | None = None) -> None:
+    """The result's tables, each downloadable as CSV, then its code."""
+    for i, (caption, frame) in enumerate(res.tables):
         st.markdown(f"**{plain(caption)}**")
-        st.dataframe(frame, hide_index=True, width="stretch")
+        table(frame, f"{res.name}-{caption}", key=f"{key or res.name}_table{i}")
     if res.code:
         st.code(res.code, language="python")

@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 from streamlit import runtime  # noqa: E402
 
+from dashboard.jobs_ui import sidebar_jobs, start_page_run  # noqa: E402
 from lora_analysis.cli.dashboard import exposure_refusal, warn_exposed_once  # noqa: E402
 
 PAGES = Path(__file__).parent / "views"  # not "pages/": that name switches Streamlit to legacy multipage mode
@@ -37,7 +38,10 @@ navigation = st.navigation([
     st.Page(PAGES / "spectra.py", title="Spectra", icon=":material/equalizer:"),
     st.Page(PAGES / "rank_alpha.py", title="Rank & alpha effects", icon=":material/tune:"),
     st.Page(PAGES / "subspaces.py", title="Subspaces", icon=":material/hub:"),
+    st.Page(PAGES / "findings.py", title="Findings", icon=":material/fact_check:"),
     st.Page(PAGES / "merge.py", title="Merge equivalence", icon=":material/merge:"),
     st.Page(PAGES / "reports.py", title="Reports", icon=":material/description:"),
 ])
+start_page_run()
 navigation.run()
+sidebar_jobs()          # jobs still running, found again from the store, live on every page

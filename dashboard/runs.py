@@ -15,8 +15,8 @@ from lora_analysis.analysis.registry import run_label
 from lora_analysis.analysis.spectra import spectra_frame
 from lora_analysis.weights import ModuleUpdate
 
-__all__ = ["all_runs", "clear_caches", "completed", "empty_store_message", "latest_sweep", "restored_for",
-           "run_label", "spectra_frame_for", "stamp", "updates_for"]
+__all__ = ["all_runs", "clear_caches", "completed", "empty_store_message", "follow_default", "latest_sweep",
+           "restored_for", "run_label", "spectra_frame_for", "spread", "stamp", "updates_for"]
 
 
 def all_runs() -> list[runstore.Run]:
@@ -86,3 +86,34 @@ def empty_store_message() -> None:
     st.info("The run store has no completed runs yet. Run the quick demo on **Home** (about half a minute on "
             "a CPU) or launch runs on **Fine-tune**; they show here.", icon=":material/info:")
     st.page_link("views/home.py", label="Go to Home and run the quick demo", icon=":material/play_arrow:")
+
+
+def follow_default(key: str, options: list[str], default: list[str]) -> None:
+    """Call before ``st.multiselect(..., key=key)`` (drawn without ``default``): when the default (e.g. the
+    newest sweep's runs) has changed since the page last drew it, the selection becomes the new default, so a
+    finished sweep replaces a stale choice; otherwise the user's choice stays, less what is no longer offered."""
+    marker = f"_default:{key}"
+    if st.session_state.get(marker) != default:
+        st.session_state[marker] = list(default)
+        st.session_state[key] = list(default)
+    elif key in st.session_state:
+        st.session_state[key] = [v for v in st.session_state[key] if v in options]
+
+
+def spread(runs: list[runstore.Run], n: int) -> list[runstore.Run]:
+    """At most ``n`` of ``runs`` spread over the ranks: every full fine-tuning run's model kept once (the
+    baseline), then LoRA runs at ranks evenly spaced from the smallest to the largest. Order kept."""
+    if len(runs) <= n:
+        return list(runs)
+    full = [r for r in runs if r.method != "lora"][: max(1, n // 4)]
+    lora = sorted((r for r in runs if r.method == "lora"), key=lambda r: (int(r.config.get("rank") or 0), r.id))
+    room = n - len(full)
+    if room <= 0 or not lora:
+        picked = full[:n]
+    elif room == 1:
+        picked = full + [lora[-1]]
+    else:
+        step = (len(lora) - 1) / (room - 1)
+        picked = full + [lora[i] for i in sorted({round(i * step) for i in range(room)})]
+    keep = {r.id for r in picked}
+    return [r for r in runs if r.id in keep]

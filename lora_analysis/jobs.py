@@ -4,7 +4,10 @@ Streamlit re-runs a page script on every click, so training must not live in it.
 job spec to ``<home>/jobs/<id>/job.json`` and starts ``python -m lora_analysis.jobs <job dir>`` in its own
 process group. The worker runs the library call and keeps ``progress.json`` up to date; a page polls
 ``read_job``. ``cancel_job`` sends SIGTERM to the worker: it asks the trainer to stop at the next step and the
-run is recorded as cancelled. A worker that died without saying so is reported as interrupted. A worker
+run is recorded as cancelled. A worker that died without saying so is reported as interrupted; a job that
+ended without one completed run (none written, or every run failed) is "empty", with the reason as its
+error, never a success. ``active_jobs`` finds the running jobs again from disk (after a page reload, a
+server restart, in another tab), each with its live progress. A worker
 is known by its pid and its start time (:mod:`lora_analysis.store.liveness`, as runs are), so a pid that
 the system gave to another process after the worker died is neither "running" nor ever signalled.
 Closing the browser tab changes nothing: the job and its runs live on disk.
@@ -35,7 +38,8 @@ from .paths import home_dir
 from .store.files import atomic_write_text
 from .store.liveness import is_alive, on_this_host, process_identity
 
-TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+# "empty": the work ended without one completed run (none written, or every one failed): not a success
+TERMINAL = ("completed", "empty", "failed", "cancelled", "interrupted")
 
 
 @dataclass
@@ -55,6 +59,25 @@ class Job:
     run_ids: list[str] = field(default_factory=list)
     pid_start_time: float | None = None     # with ``pid``, the worker's identity (None: an older record)
     host: str | None = None
+    runs_completed: int | None = None       # None: still running, or an older record
+
+    @property
+    def runs_written(self) -> int:
+        """Run folders the job wrote (completed or not)."""
+        return len(self.run_ids)
+
+    @property
+    def summary(self) -> str:
+        """One plain line for any state, e.g. "completed: 3 runs written", "empty: no run completed: ...",
+        "running: 1/3 runs done · LoRA r=4 step 20/40 loss 0.41"."""
+        if self.status in ("running", "starting"):
+            return f"{self.status}: {self.progress.get('message') or 'starting…'}"
+        if self.status == "completed":
+            failed = self.runs_written - (self.runs_completed if self.runs_completed is not None
+                                          else self.runs_written)
+            return (f"completed: {self.runs_written} run{'s' if self.runs_written != 1 else ''} written"
+                    + (f", {failed} of them not completed" if failed else ""))
+        return f"{self.status}: {self.error}" if self.error else self.status
 
     @property
     def identity(self) -> dict:
@@ -131,7 +154,8 @@ def read_job(directory: Path | str) -> Job:
     return Job(id=record["id"], dir=directory, kind=record["kind"], spec=record.get("spec", {}), status=status,
                pid=record.get("pid"), started=record.get("started", 0.0), finished=record.get("finished"),
                error=record.get("error"), progress=progress, run_ids=record.get("run_ids", []),
-               pid_start_time=record.get("pid_start_time"), host=record.get("host"))
+               pid_start_time=record.get("pid_start_time"), host=record.get("host"),
+               runs_completed=record.get("runs_completed"))
 
 
 def list_jobs(home: Path | None = None) -> list[Job]:
@@ -144,6 +168,20 @@ def list_jobs(home: Path | None = None) -> list[Job]:
         except ValueError:
             continue
     return jobs
+
+
+def active_jobs(home: Path | None = None) -> list[Job]:
+    """The jobs still running (a worker that died reads "interrupted" and is left out), newest first, each
+    with its progress as last written: call it on every poll to find running jobs again after a page
+    reload, a server restart or in another tab."""
+    return [job for job in list_jobs(home) if not job.done]
+
+
+def recent_jobs(home: Path | None = None, within_s: float = 3600.0) -> list[Job]:
+    """The running jobs and those that ended within ``within_s`` seconds, newest first (what to show a user
+    who comes back: "finished while you were away")."""
+    now = time.time()
+    return [job for job in list_jobs(home) if not job.done or (job.finished or job.started) >= now - within_s]
 
 
 def cancel_job(job: Job) -> None:
@@ -179,18 +217,36 @@ def _sweep_validate(spec: dict) -> None:
     sweep_settings(**sweep)
 
 
-# The toy built-ins are tiny: on torch's default thread count they spend their time synchronising threads,
-# and on a busy machine a seconds-long demo takes minutes. One thread is fastest for them.
-SINGLE_THREAD_MODELS = ("mlp-digits", "tiny-gpt")
-
-
 def _sweep_run(spec: dict, report, cancelled, home: Path) -> list[str]:
-    import torch
-
+    from .training.runtime import use_threads
     from .training.sweep import run_sweep_job
-    if spec.get("model", "mlp-digits") in SINGLE_THREAD_MODELS:
-        torch.set_num_threads(1)
+
+    # the one thread rule (one thread for the small models): the worker process is the sweep's
+    use_threads(spec.get("model", "mlp-digits"), requested=spec.get("threads"))
     return run_sweep_job(spec, progress=report, cancelled=cancelled, home=home)
+
+
+def _outcome(run_ids: list[str], home: Path, final: dict) -> tuple[int, str | None]:
+    """(runs completed, why none did: one line, or None when some did)."""
+    from . import runstore
+
+    completed, reasons = 0, []
+    for run_id in run_ids:
+        try:
+            run = runstore.load_run(run_id, Path(home) / "runs")
+        except (ValueError, OSError):
+            continue
+        if run.status == "completed":
+            completed += 1
+        else:
+            reasons.append(f"{run.name} {run.status}" + (f" ({run.error})" if run.error else ""))
+    reasons += [f"{f.get('run')} failed ({f.get('error')})" for f in final.get("failures") or []]
+    if completed:
+        return completed, None
+    why = f"no run completed ({len(run_ids)} written)"
+    if reasons:
+        why += f": {reasons[0]}" + (f"; and {len(reasons) - 1} more" if len(reasons) > 1 else "")
+    return 0, " ".join(why.split())
 
 
 KINDS: dict[str, JobKind] = {"sweep": JobKind(_sweep_validate, _sweep_run)}
@@ -200,18 +256,22 @@ def _worker(directory: Path) -> int:
     record = _read_json(directory / "job.json")
     cancelled = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancelled.set())
-    last = [0.0]
+    last, final = [0.0], {}
 
     def report(**progress) -> None:
         # at most a few writes a second: the page polls about once a second
         now = time.time()
+        if progress.get("final"):
+            final.update(progress)
         if now - last[0] >= 0.25 or progress.get("final"):
             last[0] = now
             _write_json(directory / "progress.json", progress | {"time": now})
 
     try:
         run_ids = KINDS[record["kind"]].run(record["spec"], report, cancelled, Path(record["home"]))
-        record.update(status="cancelled" if cancelled.is_set() else "completed", run_ids=run_ids)
+        completed, why_empty = _outcome(run_ids, Path(record["home"]), final)
+        record.update(status="cancelled" if cancelled.is_set() else "empty" if why_empty else "completed",
+                      run_ids=run_ids, runs_completed=completed, error=why_empty)
     except Exception as exc:  # the process boundary: recorded for the page, the traceback in the job's log
         traceback.print_exc()
         record.update(status="cancelled" if cancelled.is_set() else "failed", error=str(exc))

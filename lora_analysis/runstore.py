@@ -20,7 +20,7 @@ from .store.runs import (ADAPTER_DIR, BASE_REVISION_KEY, BASE_WEIGHTS, DAMAGED, 
                          HEARTBEAT_STALE_S, METRICS_FILE, RUN_FILE, STATUSES, Run, RunWriter, clean_leftovers,
                          create_run, delete_run, effective_status, environment, latest_sweep, list_runs,
                          load_metrics, load_run, load_updates, new_run_id, read_run, read_tensors, recorded_base,
-                         runs_frame, runs_root)
+                         runs_frame, runs_root, unique_runs)
 
 _read_tensors = read_tensors            # the name training/restore.py uses
 
@@ -38,4 +38,4 @@ __all__ = ["ADAPTER_DIR", "ALLOWED_SUFFIXES", "BundleLimits", "DAMAGED", "LIMITS
            "clean_leftovers", "create_run", "delete_run", "effective_status", "environment", "export_run",
            "import_run", "is_alive", "latest_sweep", "list_runs", "load_metrics", "load_run", "load_updates",
            "new_run_id", "pid_alive", "process_identity", "read_run", "read_tensors", "recorded_base", "runs_frame",
-           "runs_root"]
+           "runs_root", "unique_runs"]

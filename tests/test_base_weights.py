@@ -203,3 +203,15 @@ def test_a_tied_lm_head_is_read_from_the_input_embedding(tmp_path):
     assert "lm_head.weight" not in open_base(tmp_path / "tied").files        # stored once, as the embedding
     got = load_base_weights(tmp_path / "tied", {"lm_head": (64, 32)})["lm_head"]
     assert torch.equal(got, model.lm_head.weight.detach())
+
+
+def test_a_base_folder_holding_only_a_pickle_is_refused_not_unpickled(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    transformers.LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                             num_key_value_heads=1, vocab_size=16).save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not even a pickle: it must never be opened")
+    with pytest.raises(ValueError) as info:
+        list(iter_base_weights(folder, ["model.layers.0.self_attn.q_proj.weight"]))
+    message = str(info.value)
+    assert "\n" not in message and "pytorch_model.bin" in message and "never loaded" in message

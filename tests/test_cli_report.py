@@ -38,7 +38,10 @@ def test_report_of_latest_sweep_has_every_registered_analysis(sweep, tmp_path, c
     assert "Not shown" not in page
     # one figure per figure of every result: nothing is dropped on the way to HTML
     figures = sum(len(r.figures) for a in ANALYSES for r in a.runs_over(inputs))
+    from lora_analysis.analysis.findings import findings
+    figures += sum(len(f.figures) for f in findings(runs).findings)       # then the published claims checked
     assert page.count('class="plotly-graph-div"') == figures
+    assert any(t.startswith("Findings: published claims about LoRA") for t in titles)
     assert "full FT" in page and "LoRA r=4 α=8" in page and "Parameters: k=10, epsilon=0.5." in page
 
 
@@ -70,7 +73,8 @@ def test_a_registered_analysis_appears_in_the_report_without_other_changes(sweep
     out = tmp_path / "r.html"
     assert main(["report", "--html", str(out)]) == 0
     page = out.read_text()
-    assert section_titles(page)[-2] == "Modules per run"          # last in registry order, before the configs
+    titles = [t for t in section_titles(page) if not t.startswith("Finding")]     # the claims come after
+    assert titles[-2] == "Modules per run"          # last in registry order, before the configs
     assert "counts [3, 3, 3]" in page and "Parameters: scale=7." in page
     assert main(["report", "--parts", "extra", "--html", str(out)]) == 0
     assert section_titles(out.read_text())[:-1] == ["Modules per run"]

@@ -2,6 +2,7 @@
 a directly computed SVD."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,48 @@ def test_a_runs_adapter_with_the_runs_base_weights(lora_home, capsys):
     stored = amplification_frame(runstore.load_updates(runstore.load_run(result.run_id))).set_index("name")
     for m in out["amplification"]:    # the run's own W0, read through the adapter folder and --base
         assert m["amplification"] == pytest.approx(float(stored.loc[m["name"], "amplification"]), rel=1e-6)
+
+
+def test_runs_by_name_id_prefix_or_folder_wherever_an_adapter_is_accepted(lora_home, tmp_path, capsys):
+    """spectra / similarity / runs show take a run's name, id, unique id prefix or folder as well as an adapter
+    folder; a run brings its own W0; errors say what was tried."""
+    from lora_analysis.training import TrainConfig, train
+
+    small = dict(model="mlp-digits", alpha=16, steps=10, pretrain_steps=30)
+    r2 = train(TrainConfig(rank=2, **small), name="r2")
+    r4 = train(TrainConfig(rank=4, **small), name="r4")
+    full = train(TrainConfig(method="full", **small), name="ft")
+    outs = []
+    for word in ("r2", r2.run_id, r2.run_id[:-3], str(r2.run_dir), str(r2.run_dir / "adapter")):
+        assert main(["spectra", word, "--json"]) == 0, word
+        outs.append(json.loads(capsys.readouterr().out))
+    assert all(o["modules"] == outs[0]["modules"] for o in outs)
+    assert outs[0]["run"] == r2.run_id and [m["rank"] for m in outs[0]["modules"]] == [2, 2, 2]
+    assert outs[0]["base_read"].endswith("base_weights.safetensors")       # the run's own W0: no --base needed
+    assert {m["name"] for m in outs[0]["amplification"]} == {"fc1", "fc2", "fc3"}
+    assert main(["spectra", "ft"]) == 0                                      # full FT: ΔW = W_ft − W0
+    out = capsys.readouterr().out
+    assert f"run {full.run_id} (ft, full)" in out and "full_weights.safetensors" in out and "W_ft − W0" in out
+    assert main(["similarity", "r2", "r4", "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert sim["modules"]["fc1"]["d"] == 64 and np.array(sim["modules"]["fc1"]["phi"]).shape == (2, 4)
+    assert main(["similarity", "ft", "r4"]) == 2
+    assert "full fine-tuning run" in capsys.readouterr().err
+    assert main(["runs", "show", "r4"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert Path(files["adapter"]) == (r4.run_dir / "adapter").resolve() and Path(files["base_weights"]).is_file()
+    assert main(["spectra", "r9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'r9' is neither an adapter folder" in err and str(lora_home / "runs") in err
+    assert "3 runs there" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["spectra", str(tmp_path / "empty")]) == 2
+    assert "without adapter_config.json" in capsys.readouterr().err
+
+
+def test_spectra_help_says_where_runs_keep_their_adapter_and_base_weights(lora_home, capsys):
+    with pytest.raises(SystemExit):
+        main(["spectra", "--help"])
+    out = capsys.readouterr().out
+    assert f"{lora_home / 'runs'}/RUN_ID/adapter " in out and f"{lora_home / 'runs'}/RUN_ID/base_weights.safetensors" in out
+    assert "RUN_OR_ADAPTER" in out and "--runs-dir DIR, --out DIR" in out

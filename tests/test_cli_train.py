@@ -42,6 +42,9 @@ def test_sweep_and_runs_commands(lora_home, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "3 runs" in out and "LoRA r=4 α=16" in out and "full FT" in out
     assert len(runstore.list_runs(out_dir)) == 3
+    # written elsewhere than the default store: the sweep says how to read it
+    assert f"not in the default run store ({lora_home / 'runs'})" in out
+    assert f"runs list --runs-dir {out_dir}\n" in out and f"report --runs-dir {out_dir} --html" in out
     assert main(["runs", "list", "--runs-dir", str(out_dir), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["name"] for r in rows) == ["LoRA r=1 α=16", "LoRA r=4 α=16", "full FT"]
@@ -92,3 +95,29 @@ def test_an_os_error_is_a_user_error_only_for_a_file_the_user_named(lora_home, m
     monkeypatch.setattr(trainer, "task_for", cache_broken)
     with pytest.raises(PermissionError):
         main(["train", "-q"])
+
+
+def test_every_store_command_takes_runs_dir_and_the_default_store_points_at_runs_here(lora_home, capsys, tmp_path,
+                                                                                      monkeypatch):
+    """One option, one meaning: --runs-dir (alias --out) on every command that reads or writes runs; a command
+    that finds nothing in the default store mentions ./runs when runs are there (the old README chain)."""
+    from lora_analysis.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["train"], ["sweep"], ["runs"], ["runs", "list"], ["runs", "show", "x"], ["report", "--html", "r"],
+                 ["spectra", "x"], ["similarity", "x", "y"]):
+        for flag in ("--runs-dir", "--out"):
+            args = parser.parse_args([*argv, flag, "somewhere"])
+            assert "somewhere" in (getattr(args, "runs_dir", None), getattr(args, "sub_runs_dir", None)), argv
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--steps", "5", "--pretrain-steps", "30", "-q", "--out", "runs", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "completed"            # stdout: the JSON only
+    assert "runs list --runs-dir runs" in captured.err
+    assert f"LORA_ANALYSIS_HOME={tmp_path} " in captured.err            # the dashboard reads <home>/runs
+    assert main(["runs", "list"]) == 0
+    assert f"{tmp_path / 'runs'} holds 1 run: add --runs-dir runs" in capsys.readouterr().out
+    assert main(["report", "--html", "r.html"]) == 2
+    assert "add --runs-dir runs" in capsys.readouterr().err
+    assert main(["runs", "list", "--runs-dir", "runs"]) == 0
+    assert "completed" in capsys.readouterr().out

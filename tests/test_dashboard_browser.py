@@ -25,9 +25,37 @@ PAGES = [
     ("spectra", "Spectra"),
     ("rank_alpha", "Rank & alpha effects"),
     ("subspaces", "Subspaces"),
+    ("findings", "Findings"),
     ("merge", "Merge equivalence"),
     ("reports", "Reports"),
 ]
+
+# every chart drawn on a page, as plotly.js holds it (typed arrays as lists)
+PLOTS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => JSON.stringify(
+    {data: gd.data, layout: gd.layout},
+    (k, v) => ArrayBuffer.isView(v) ? Array.from(v) : v))"""
+
+
+def question_of(path: str) -> str:
+    from tests.test_dashboard_pages import QUESTIONS
+
+    return QUESTIONS[path or "home"]
+
+
+def assert_answers(page, path: str) -> None:
+    """The page's question under its title, and at least one answer computed from the runs under it."""
+    page.get_by_text(question_of(path), exact=True).first.wait_for(timeout=60_000)
+    answers = page.locator('[data-testid="stAlertContentInfo"], [data-testid="stAlertContentWarning"]')
+    assert answers.count() >= 1, f"{path}: no answer shown"
+
+
+def assert_axes_fit(page, path: str) -> None:
+    """No chart's axis, as drawn, reaches far past its data."""
+    from lora_analysis.plots.checks import axis_problems
+
+    for spec in page.evaluate(PLOTS_JS):
+        problems = axis_problems(spec)
+        assert not problems, (path, problems)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +104,9 @@ def test_quick_demo_fills_the_pages(server, browser, shots):
     page.get_by_text("Done:").first.wait_for(timeout=600_000)
     wait_idle(page)
     assert_clean(page, "home after demo")
+    page.reload()                 # the answer counts the demo's runs
+    wait_idle(page)
+    assert_answers(page, "")
     page.screenshot(path=str(shots / "home.png"))
     page.close()
     for path, title in PAGES[1:]:
@@ -85,6 +116,8 @@ def test_quick_demo_fills_the_pages(server, browser, shots):
             page.wait_for_selector(".js-plotly-plot", timeout=180_000)
             wait_idle(page)
             assert page.locator(".js-plotly-plot").count() >= 1, path
+            assert_axes_fit(page, path)
+        assert_answers(page, path)
         page.screenshot(path=str(shots / f"{path}.png"))
         page.close()
 

@@ -14,14 +14,16 @@ APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
 def test_nan_run_is_reported_on_the_page(lora_home):
     job = wait(jobs.start_job("sweep", SPEC | {"lr": 1e6, "full_ft": False}))
-    assert job.status == "completed"
+    assert job.status in ("completed", "empty")
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["home_job"] = job.id
     at.run()
     assert not at.exception
-    assert any("Done: 0 runs written" in s.value for s in at.success)
+    # no completed run: never a green "Done", but a warning that says so
+    assert not [s for s in at.success if "Done" in s.value]
+    assert any("ended without a completed run" in w.value for w in at.warning)
     [error] = at.error
-    assert "failed: loss became" in error.value and "lower the learning rate" in error.value
+    assert "failed: " in error.value and "lower the learning rate" in error.value
 
 
 def test_rank_alpha_keeps_runs_of_different_settings_apart(lora_home):

@@ -39,9 +39,10 @@ def home(store, monkeypatch):
 
 def test_page_names_each_setup_and_gives_the_peft_verdict(home):
     at = clean(open_page("merge"))
-    verdict = texts(at.success)
-    assert "agree" in verdict and "within PEFT's element-wise tolerance" in verdict and "float32" in verdict
+    verdict = texts(at.info)                # the answer, under the page's question
+    assert verdict.startswith("Yes in float32") and "within PEFT's tolerance" in verdict
     assert "outside" not in verdict.split("bfloat16")[0]           # the float32 sentence
+    assert not at.warning
     setups = frame_with(at, "who").set_index("setup")
     for label in ("float32 · float32 LoRA", "bfloat16 · float32 LoRA", "bfloat16 · bfloat16 LoRA"):
         assert label in setups.index, list(setups.index)
@@ -72,6 +73,6 @@ def test_verdict_warns_when_the_merge_is_outside_peft_tolerance(home, monkeypatc
 
     monkeypatch.setattr(mc, "merge_check", failing)
     at = clean(open_page("merge"))
-    warning = texts(at.warning)
-    assert "differ" in warning and "outside PEFT's element-wise tolerance" in warning and "1.5×" in warning
-    assert not any("Verdict" in s.value for s in at.success)
+    warning = texts(at.warning)             # the answer, as a warning: the merged model is not the same
+    assert warning.startswith("No in float32") and "1.5×" in warning
+    assert not at.info and not at.success

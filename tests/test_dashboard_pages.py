@@ -28,8 +28,8 @@ from lora_analysis.analysis import registry
 from lora_analysis.analysis.spectra import spectra_frame
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
-PAGES = ["home", "params", "finetune", "spectra", "rank_alpha", "subspaces", "merge", "reports"]
-RUN_PAGES = ["spectra", "rank_alpha", "subspaces", "merge"]     # pages that need completed runs
+PAGES = ["home", "params", "finetune", "spectra", "rank_alpha", "subspaces", "findings", "merge", "reports"]
+RUN_PAGES = ["spectra", "rank_alpha", "subspaces", "findings", "merge"]     # pages that need completed runs
 JSON, BIN, ZIP = "application/json", "application/octet-stream", "application/zip"
 SUBMIT = "FormSubmitter:finetune_form-Launch"
 HF_CHOICE = "Hugging Face model (folder or hub id)"
@@ -171,6 +171,11 @@ def test_every_page_renders_on_the_demo_data(demo, name):
         assert len(at.multiselect(key="rep_runs").options) == 4 and at.get("download_button")
     else:
         assert at.title and at.get("plotly_chart"), f"{name} shows no chart on the demo data"
+    # no chart's axis reaches far past its data (an annotation placed at 10^N on a log axis, a forced range)
+    from lora_analysis.plots.checks import axis_problems
+
+    problems = {title(spec): axis_problems(spec) for spec in specs(at)}
+    assert not any(problems.values()), {t: p for t, p in problems.items() if p}
 
 
 @pytest.mark.parametrize("name", PAGES)
@@ -371,8 +376,9 @@ def test_spectra_compares_lora_ranks_with_full_ft(demo):
     # the default module is where some run's ΔW is largest
     largest = max(["fc1", "fc2", "fc3"], key=lambda m: max(s.loc[m, "fro_norm"] for s in spectra.values()))
     assert at.selectbox(key="spectra_module").value == largest
-    assert f"needs {int(full.loc[largest, 'rank_90'])} directions" in texts(at.info)
-    assert "[1, 4]" in texts(at.info)
+    assert f"needs {int(full.loc[largest, 'rank_90'])} of 128 directions for 90% of its ΔW energy in {largest}" \
+        in texts(at.info)
+    assert "largest LoRA rank compared (4)" in texts(at.info)
     # the σ's drawn are the library's, normalised by σ₁
     (drawn,) = [d for d in sweep["data"] if d["name"].startswith("full FT")]
     s = full.loc[largest, "singular_values"]
@@ -381,8 +387,9 @@ def test_spectra_compares_lora_ranks_with_full_ft(demo):
     other = next(m for m in ("fc3", "fc1") if m != largest)
     at.selectbox(key="spectra_module").set_value(other).run()
     clean(at)
-    assert f"needs {int(full.loc[other, 'rank_90'])} directions" in texts(at.info)
-    assert f"in {other};" in texts(at.info)
+    dims = {"fc1": 64, "fc2": 128, "fc3": 10}       # min(out, in) of each module: the directions available
+    assert f"needs {int(full.loc[other, 'rank_90'])} of {dims[other]} directions" in texts(at.info)
+    assert f"energy in {other}" in texts(at.info)
     assert chart(at, "Spectra across ranks")["data"] != sweep["data"]
 
 
@@ -447,6 +454,32 @@ def test_spectra_upload_of_a_run_adapter_gives_the_runs_spectra(demo):
     assert table["fro_norm"].to_dict() == pytest.approx(stored["fro_norm"].to_dict(), rel=1e-5)
     assert sorted(traces(chart(at, "ingular spectrum"))) == ["fc1", "fc2", "fc3"]
     assert set(frame_with(at, "advised_rank")["name"]) == {"fc1", "fc2", "fc3"}
+
+
+def _adapter_folder(typed: str) -> AppTest:
+    at = open_page("spectra")
+    at.radio(key="spectra_src").set_value("An adapter folder on this machine").run()
+    at.text_input(key="spectra_folder").set_value(typed).run()
+    return at
+
+
+def test_spectra_reads_an_adapter_folder_inside_the_user_data_folder(demo, tmp_path):
+    run = runs_by_name("mlp-digits")["LoRA r=4 α=16"]
+    at = clean(_adapter_folder(str(run.dir / "adapter")))       # the run store lies in the user data folder
+    assert texts(at.success) == "3 adapted modules, ranks [4]."
+    table = frame_with(at, "effective_rank").set_index("name")
+    stored = spectra_frame(runstore.load_updates(run)).set_index("name")
+    assert table["fro_norm"].to_dict() == pytest.approx(stored["fro_norm"].to_dict(), rel=1e-5)
+    assert set(frame_with(at, "advised_rank")["name"]) == {"fc1", "fc2", "fc3"}
+    # outside the allowed folders: one message, whether the folder holds an adapter, is empty or is missing
+    shutil.copytree(run.dir / "adapter", tmp_path / "adapter")
+    (tmp_path / "empty").mkdir()
+    messages = set()
+    for typed in (tmp_path / "adapter", tmp_path / "empty", tmp_path / "missing"):
+        errs = errors(_adapter_folder(str(typed)))
+        assert len(errs) == 1 and "was refused: it is outside the folders" in errs[0], errs
+        messages.add(errs[0].replace(str(typed), "PATH"))
+    assert len(messages) == 1
 
 
 def test_spectra_upload_of_a_peft_style_adapter(empty, tmp_path):
@@ -590,15 +623,15 @@ def test_subspaces_base_run_and_intruder_k_change_what_is_shown(demo):
     at.selectbox(key="base_run").set_value(label_of(at, "base_run", "r=4")).run()
     assert clean(at).selectbox(key="base_module").options == ["fc1", "fc2", "fc3"]
 
-    assert "intruders at ε=0.5, k=10" in frame_with(at, "label").columns
+    assert any(c.startswith("intruders at ε=0.5, k=10") for c in frame_with(at, "label").columns)
     at.slider(key="intr_k").set_value(3).run()
     table = frame_with(clean(at), "label")
-    assert list(table.columns) == ["label", "intruders at ε=0.5, k=3"]
+    assert any(c.startswith("intruders at ε=0.5, k=3") for c in table.columns)
     # the counts are the library's, per run, at k=3 and ε=0.5
     from lora_analysis.analysis.intruders import intruders_frame
     expected = {registry.run_label(r): int(intruders_frame(runstore.load_updates(r), 3, 0.5)["intruders"].sum())
                 for r in runstore.latest_sweep(runstore.list_runs())}
-    assert dict(zip(table["label"], table.iloc[:, 1])) == expected
+    assert dict(zip(table["label"], table["intruders over all its modules"])) == expected
 
 
 # ---- merge ------------------------------------------------------------------------------------------------
@@ -606,7 +639,8 @@ def test_subspaces_base_run_and_intruder_k_change_what_is_shown(demo):
 def test_merge_verdict_and_task_table(demo):
     at = clean(open_page("merge"))
     assert at.selectbox(key="merge_run").value.startswith("LoRA r=4")
-    assert "Merged and unmerged outputs agree" in texts(at.success)
+    (verdict,) = [t for t in (shown(i.value) for i in at.info) if "float32" in t]     # the answer, at the top
+    assert verdict.startswith("Yes in float32") and "bfloat16" in verdict and "float16" in verdict
     run = runs_by_name("mlp-digits")["LoRA r=4 α=16"]
     task = frame_with(at, "variant").set_index("variant")
     assert list(task.index) == ["frozen base", "LoRA (unmerged)", "LoRA (merged)", "full fine-tuning"]
@@ -791,7 +825,12 @@ def test_the_report_shows_what_the_page_shows(demo, name):
         if title(spec).startswith(TIMED):
             assert [(d["name"], d["x"]) for d in page["data"]] == [(d["name"], d["x"]) for d in spec["data"]]
         else:
-            assert same_figure_data(page["data"], spec["data"]) and page["layout"] == spec["layout"], title(spec)
+            layout = page["layout"]
+            if any(d.get("type") == "table" for d in spec["data"]) and "height" not in spec["layout"]:
+                # the page fits a plotly table's height to its rows (else a gap shows under it)
+                layout = {k: v for k, v in layout.items() if k not in ("height", "margin")}
+                spec["layout"] = {k: v for k, v in spec["layout"].items() if k not in ("height", "margin")}
+            assert same_figure_data(page["data"], spec["data"]) and layout == spec["layout"], title(spec)
     if not section.figures:                      # a table-only analysis (rank advice): its table and code
         (caption, table), = section.tables
         (page,) = [d.value for d in at.dataframe if list(d.value.columns) == list(table.columns)]
@@ -831,5 +870,257 @@ def test_runs_without_base_weights_skip_the_w0_analyses_with_a_message(demo, mon
 
 def test_home_lists_every_registered_analysis(empty):
     at = clean(open_page("home"))
-    listed = at.expander[0].markdown[0].value
+    (listed,) = [e.markdown[0].value for e in at.expander if e.label.startswith("What each analysis answers")]
     assert all(f"**{a.title}**: {a.question}" in listed for a in registry.ANALYSES)
+
+
+# ---- every page: its question, its answer, how to read its charts, its tables as CSV ------------------------
+
+QUESTIONS = {"home": "What does LoRA change in my model, and what does it cost?",
+             "params": "How many parameters and how much memory does LoRA save?",
+             "finetune": "How do LoRA and full fine-tuning train on my model and data?",
+             "spectra": registry.PAGE_QUESTIONS["spectra"], "rank_alpha": registry.PAGE_QUESTIONS["rank_alpha"],
+             "subspaces": registry.PAGE_QUESTIONS["subspaces"], "merge": registry.PAGE_QUESTIONS["merge"],
+             "reports": "How do I keep and share what these pages found?",
+             "findings": "Do the published findings about LoRA hold on these runs?"}
+TABLE_PAGES = ["params", "finetune", "spectra", "subspaces", "merge"]      # pages that show tables on the demo
+
+
+def question_of(at: AppTest) -> str:
+    (first, *_) = [shown(m.value) for m in at.markdown if m.value.startswith("##### ")]
+    return first[len("##### "):]
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_page_opens_with_its_question_and_the_answer_from_the_runs(demo, name):
+    at = clean(open_page(name))
+    assert question_of(at) == QUESTIONS[name]
+    answers = [shown(i.value) for i in at.info if i.icon == ":material/lightbulb:"]
+    assert answers and all(len(a) > 40 for a in answers), answers
+    # the answers are computed: they name what is in the store (a run count, a run label, a rank, a model)
+    labels = [registry.run_label(r) for r in runstore.list_runs()]
+    assert any(re.search(r"\d", a) for a in answers)
+    if name in ("subspaces",):
+        assert any(label in a for a in answers for label in labels)
+    # the rule of each answer that has one, in an expander under it
+    assert all(e.label == "How this answer is computed" for e in at.expander
+               if e.label.startswith("How this answer"))
+    if name in RUN_PAGES:       # each registered chart says how to read it
+        readings = [c.value for c in at.caption if c.value.startswith("How to read this: ")]
+        assert len(readings) >= 1
+    if name in TABLE_PAGES:     # every table can be downloaded as CSV
+        buttons = [b for b in at.get("download_button") if b.proto.label == "CSV"]
+        assert len(buttons) >= len(at.dataframe) > 0, name
+
+
+def test_the_answer_follows_the_chosen_runs(demo):
+    at = clean(open_page("subspaces"))
+    before = [shown(i.value) for i in at.info]
+    first, second = at.selectbox(key="sub_a").value, label_of(at, "sub_b", "full FT")
+    assert f"{first} and {at.selectbox(key='sub_b').value} share" in before[0]
+    at.selectbox(key="sub_b").set_value(second).run()
+    after = [shown(i.value) for i in clean(at).info]
+    assert before[0] != after[0] and f"{first} and {second} share" in after[0]
+
+
+def test_charts_save_as_svg_from_plotly_toolbar(demo):
+    at = clean(open_page("rank_alpha"))
+    for c in at.get("plotly_chart"):
+        config = json.loads(c.proto.config)
+        assert config["toImageButtonOptions"]["format"] == "svg" and config["displayModeBar"] is True
+        assert config["toImageButtonOptions"]["filename"]
+
+
+def test_csv_download_holds_the_table(demo, monkeypatch):
+    import io
+
+    import pandas as pd
+    import streamlit as st
+
+    sent = {}
+    original = st.download_button
+
+    def recording(label, data, file_name=None, *args, **kwargs):
+        sent[file_name] = data
+        return original(label, data, file_name, *args, **kwargs)
+
+    monkeypatch.setattr(st, "download_button", recording)
+    at = clean(open_page("finetune"))
+    assert [b.proto.label for b in at.get("download_button") if b.key == "ft_runs_csv"] == ["CSV"]
+    shown_table = frame_with(at, "status")
+    csv = pd.read_csv(io.BytesIO(sent["runs.csv"]))
+    assert list(csv.columns) == list(shown_table.columns) and len(csv) == len(shown_table) == len(runstore.list_runs())
+    assert list(csv["id"]) == list(shown_table["id"])
+
+
+# ---- fine-tune form: real defaults, devices that exist, typed paths --------------------------------------------
+
+def test_finetune_fields_show_the_models_real_defaults(empty):
+    from lora_analysis.device import available_devices
+    from lora_analysis.training.models import DEFAULTS
+
+    at = clean(open_page("finetune"))
+    steps, lr = at.number_input(key="ft_steps"), at.number_input(key="ft_lr")
+    assert steps.value is None and lr.value is None        # empty: the model's default, said in the field
+    assert steps.proto.placeholder == f"default ({DEFAULTS['mlp-digits']['steps']})"
+    assert f"LoRA {DEFAULTS['mlp-digits']['lr']['lora']:g}" in lr.proto.placeholder
+    assert f"full {DEFAULTS['mlp-digits']['lr']['full']:g}" in lr.proto.placeholder
+    assert at.text_input(key="ft_targets").proto.placeholder == "default: all-linear"
+    assert at.number_input(key="ft_dropout").value == 0.0 and at.number_input(key="ft_seed").value == 0
+    assert at.text_input(key="ft_alphas").value == "16"
+    assert at.selectbox(key="ft_device").options == ["auto", *available_devices()]
+    at.selectbox(key="ft_model").set_value("tiny-gpt").run()
+    assert clean(at).number_input(key="ft_steps").proto.placeholder == f"default ({DEFAULTS['tiny-gpt']['steps']})"
+    assert at.text_input(key="ft_targets").proto.placeholder == "default: q_proj, v_proj"
+
+
+def _launch_hf(at: AppTest, typed: str) -> list[str]:
+    at.selectbox(key="ft_model").set_value(HF_CHOICE).run()
+    at.text_input(key="ft_hf_model").set_value(typed)
+    at.button(key=SUBMIT).click().run()
+    return errors(at)
+
+
+def test_typed_model_folder_outside_the_allowed_folders_is_refused_alike_whether_it_exists(empty, tmp_path):
+    outside = tmp_path / "elsewhere"
+    (outside / "model").mkdir(parents=True)
+    (outside / "model" / "config.json").write_text("{}")
+    messages = {}
+    for typed in (str(outside / "model"), str(outside / "missing"), "/etc", "/no/such/folder/anywhere"):
+        errs = _launch_hf(open_page("finetune"), typed)
+        assert len(errs) == 1 and "was refused" in errs[0] and "outside the folders" in errs[0], errs
+        messages[typed] = errs[0].replace(typed, "PATH")
+    assert len(set(messages.values())) == 1, messages      # nothing tells an existing folder from a missing one
+    assert jobs.list_jobs() == []
+
+
+def test_typed_model_folder_link_out_of_an_allowed_folder_is_refused(empty, tmp_path):
+    from dashboard.typed_paths import model_source
+
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    (empty / "models").mkdir()
+    (empty / "models" / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="was refused: it is outside"):
+        model_source(str(empty / "models" / "link"))
+    inside = empty / "models" / "mine"
+    inside.mkdir()
+    with pytest.raises(ValueError, match="holds no config.json"):
+        model_source(str(inside))
+    (inside / "config.json").write_text("{}")
+    assert model_source(str(empty / "models" / ".." / "models" / "mine")) == str(inside.resolve())
+    assert model_source("gpt2") == "gpt2" and model_source("mlp-digits") == "mlp-digits"
+
+
+# ---- uploaders: the page's own limit --------------------------------------------------------------------------
+
+def test_uploaders_state_the_limit_the_page_accepts(empty):
+    from dashboard.common import MAX_JSON_BYTES, MAX_UPLOAD_BYTES
+
+    at = clean(open_page("finetune"))
+    data = at.file_uploader(key="ft_data")
+    assert data.proto.max_upload_size_mb == MAX_UPLOAD_BYTES // 2**20 and "up to 200 MiB" in data.proto.label
+    at = clean(open_page("reports"))
+    bundle = at.file_uploader(key="rep_import")
+    assert bundle.proto.max_upload_size_mb == MAX_UPLOAD_BYTES // 2**20
+    assert "up to 200 MiB packed" in bundle.proto.label and f"{runstore.LIMITS.max_files} files" in bundle.proto.help
+    at = open_page("params")
+    at.radio(key="params_mode").set_value("Hugging Face config.json").run()
+    config = clean(at).file_uploader(key="params_config")
+    assert config.proto.max_upload_size_mb == MAX_JSON_BYTES // 2**20 and "up to 2 MiB" in config.proto.label
+    at = open_page("spectra")
+    at.radio(key="spectra_src").set_value("Upload a PEFT adapter").run()
+    adapter = clean(at).file_uploader(key="spectra_upload")
+    assert "up to 200 MiB for the two files together" in adapter.proto.label
+
+
+# ---- subspaces: a bounded default, chosen by the user --------------------------------------------------------
+
+def test_spread_keeps_the_baseline_and_the_rank_extremes():
+    from types import SimpleNamespace
+
+    from dashboard.runs import spread
+
+    runs = [SimpleNamespace(id=f"r{r}", method="lora", config={"rank": r}) for r in (64, 1, 8, 2, 32, 4, 16, 128, 3, 5)]
+    runs.append(SimpleNamespace(id="full", method="full", config={}))
+    picked = spread(runs, 5)
+    ranks = sorted(r.config["rank"] for r in picked if r.method == "lora")
+    assert len(picked) == 5 and any(r.id == "full" for r in picked)
+    assert ranks[0] == 1 and ranks[-1] == 128 and len(set(ranks)) == 4
+    assert [r.id for r in picked] == [r.id for r in runs if r in picked]     # order kept
+    assert spread(runs[:3], 8) == runs[:3]
+
+
+def test_subspaces_says_which_sweep_and_lets_the_user_choose_the_intruder_runs(demo):
+    at = clean(open_page("subspaces"))
+    newest = runstore.latest_sweep(runstore.list_runs())
+    assert f"Opens on all {len(newest)} runs of the newest sweep ({newest[0].sweep_id}, mlp-digits)." in \
+        texts(at.caption)
+    chooser = at.multiselect(key="intr_runs")
+    assert sorted(chooser.value) == sorted(registry.run_label(r) for r in newest)
+    assert chooser.proto.max_selections > 0
+    keep = [label_of(at, "intr_runs", "r=1", "multiselect")]
+    chooser.set_value(keep).run()
+    table = frame_with(clean(at), "label")
+    assert list(table["label"]) == keep
+
+
+def test_subspaces_amplification_table_fits_its_rows(demo):
+    at = clean(open_page("subspaces"))
+    spec = chart(at, "Amplification (LoRA paper, Table 7)")
+    rows = len(spec["data"][0]["cells"]["values"][0])
+    assert spec["layout"]["height"] <= 70 + 40 + 30 * rows      # no gap under the table
+
+
+# ---- jobs: found again from the store, wherever the user is ------------------------------------------------------
+
+def _running_job(home: Path, message: str) -> str:
+    import os
+
+    from lora_analysis.store.liveness import process_identity
+
+    job_id = "20990101-000000-abcdef"
+    d = home / "jobs" / job_id
+    d.mkdir(parents=True)
+    # this test process stands in for the worker: alive, so the job reads as running
+    (d / "job.json").write_text(json.dumps({"id": job_id, "kind": "sweep", "spec": {"model": "mlp-digits"},
+                                            "status": "running", "started": time.time(),
+                                            **process_identity(os.getpid())}))
+    (d / "progress.json").write_text(json.dumps({"done": 1, "total": 4, "message": message}))
+    return job_id
+
+
+@pytest.mark.parametrize("name", ["spectra", "reports"])
+def test_a_running_job_shows_live_on_any_page_after_a_reload(empty, name):
+    job_id = _running_job(empty, "LoRA r=4 · step 20/300 · loss 0.8")
+    at = clean(open_page(name))             # a fresh session: nothing in session state knows the job
+    side = at.sidebar
+    assert any("Jobs running" in m.value for m in side.markdown)
+    assert any(job_id in shown(c.value) for c in side.caption)
+    (bar,) = [p for p in at.get("progress")]
+    assert "step 20/300" in bar.proto.text and bar.proto.value == 25
+    assert any(b.key == f"cancel_sidebar_{job_id}" for b in side.button)
+
+
+def test_finetune_lists_running_jobs_in_the_page_not_the_sidebar(empty):
+    job_id = _running_job(empty, "starting the sweep")
+    at = clean(open_page("finetune"))
+    assert not [m for m in at.sidebar.markdown if "Jobs running" in m.value]
+    assert any(b.key == f"cancel_main_{job_id}" for b in at.button)
+
+
+def test_compare_runs_follows_a_new_sweep(demo_copy):
+    from lora_analysis.training import run_sweep, sweep_settings
+
+    at = clean(open_page("finetune"))
+    old = at.multiselect(key="ft_compare").value
+    assert sorted(old) == sorted(registry.run_label(r) for r in runstore.latest_sweep(runstore.list_runs()))
+    run_sweep(sweep_settings(model="mlp-digits", ranks=[2], alphas=[16], full_ft=False, steps=3, pretrain_steps=60))
+    at.run()
+    new = clean(at).multiselect(key="ft_compare").value
+    assert len(new) == 1 and "r=2" in new[0]             # the finished sweep replaced the stale selection
+    # a user's own choice stays while the newest sweep does not change
+    at.multiselect(key="ft_compare").set_value(old[:1]).run()
+    at.run()
+    assert clean(at).multiselect(key="ft_compare").value == old[:1]

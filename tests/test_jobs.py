@@ -135,3 +135,46 @@ def test_a_job_record_without_its_keys_is_skipped(lora_home):
     with pytest.raises(ValueError, match="kind"):
         jobs.read_job(directory)
     assert jobs.list_jobs() == []
+
+
+def _job_dir(name: str, spec: dict) -> "os.PathLike":
+    directory = jobs.jobs_dir() / name
+    directory.mkdir(parents=True)
+    (directory / "job.json").write_text(json.dumps({
+        "id": name, "kind": "sweep", "spec": spec, "status": "running", "started": time.time(),
+        "home": str(jobs.jobs_dir().parent), **jobs.process_identity()}))
+    return directory
+
+
+def test_a_job_without_a_completed_run_is_empty_not_done(lora_home):
+    """Issue 14: a sweep whose every run diverged wrote runs but completed none: "empty", with the reason
+    in one line, never "completed". The worker's code runs here, in this process, to stay fast."""
+    import torch
+
+    before, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    directory = _job_dir("20260101-000000-empty0", SPEC | {"ranks": [2], "full_ft": False, "steps": 2, "lr": 1e6})
+    try:
+        assert jobs._worker(directory) == 1
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        torch.set_num_threads(threads)
+    job = jobs.read_job(directory)
+    assert job.status == "empty" and job.done and job.runs_written == 1 and job.runs_completed == 0
+    assert job.error.startswith("no run completed (1 written): ") and "diverged at step" in job.error
+    assert "\n" not in job.error and job.summary == f"empty: {job.error}"
+    assert jobs.active_jobs() == [] and [j.id for j in jobs.recent_jobs()] == [job.id]
+
+
+def test_running_jobs_are_found_again_with_their_live_progress(lora_home):
+    """After a page reload or in a new tab, the running jobs and their progress come from disk."""
+    directory = _job_dir("20260101-000000-live00", SPEC)          # "running" in this (live) process
+    dead = jobs.jobs_dir() / "20260101-000000-dead00"
+    dead.mkdir()
+    (dead / "job.json").write_text(json.dumps({"id": dead.name, "kind": "sweep", "spec": SPEC,
+                                               "status": "running", "pid": 2**22 + 12345, "started": 0}))
+    (directory / "progress.json").write_text(json.dumps({"done": 0.5, "total": 2, "message": "1/2 runs done"}))
+    [job] = jobs.active_jobs()
+    assert job.id == directory.name and job.progress["done"] == 0.5 and job.summary == "running: 1/2 runs done"
+    (directory / "progress.json").write_text(json.dumps({"done": 1.5, "total": 2, "message": "1/2 runs done · x"}))
+    assert jobs.active_jobs()[0].progress["done"] == 1.5                       # read afresh on each poll
+    assert [j.id for j in jobs.recent_jobs()] == [directory.name]              # the dead one ended long ago

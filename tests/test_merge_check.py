@@ -123,6 +123,23 @@ def test_latency_table_shape():
     assert bf16["variant"].tolist() == ["base", "unmerged", "merged"] and (bf16["median_ms"] > 0).all()
 
 
+def test_latency_has_a_spread_and_verdicts_only_compare_with_it():
+    from lora_analysis.analysis.merge_check import latency_verdicts
+
+    table = latency_check(_model(), _inputs(), repeats=5, warmup=0, devices=["cpu"], number=2)
+    assert (table["number"] == 2).all()
+    assert ((table["q1_ms"] <= table["median_ms"]) & (table["median_ms"] <= table["q3_ms"])).all()
+    assert (table["iqr_ms"] == table["q3_ms"] - table["q1_ms"]).all()
+    verdicts = latency_verdicts(table)
+    assert verdicts["variant"].tolist() == ["unmerged", "merged"] and set(verdicts["versus"]) == {"base"}
+    for row in verdicts.itertuples():        # measurable exactly when the interquartile ranges do not overlap
+        a, b = table.set_index("variant").loc[row.variant], table.set_index("variant").loc["base"]
+        assert row.measurable == (a["q1_ms"] > b["q3_ms"] or a["q3_ms"] < b["q1_ms"])
+        assert ("no measurable difference" in row.text) != row.measurable
+    with pytest.raises(ValueError, match="number=0 is not allowed"):
+        latency_check(_model(), _inputs(), repeats=1, devices=["cpu"], number=0)
+
+
 # ---- what users run: the setups, PEFT's element-wise rule, the verdict (defect 9) ------------------------
 
 def _peft_twin(model, dtype, autocast_adapter_dtype):

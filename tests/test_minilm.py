@@ -46,6 +46,9 @@ def test_minilm_is_unpacked_once_and_its_lora_adapter_loads_in_peft(lora_home, t
                    task=task)
     assert result.status == "completed", result.error
     assert len(lora_layers(result.model)) == 12                             # query and value of 6 layers
+    # forgetting: the embeddings of held-out texts against the frozen base's (1.0 at step 0, where ΔW = 0)
+    assert result.metrics["base_source_embedding_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < result.metrics["source_embedding_cosine"] <= 1.0 + 1e-6
     run = runstore.load_run(result.run_id)
     assert run.task["model"] == "minilm" and run.task["modules_to_save"] == ["classifier"]
     adapter = result.run_dir / "adapter"

@@ -4,6 +4,7 @@ users' files with clear errors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,54 @@ def test_bshift_task_pairs_each_docs_sentence_with_its_bigram_shift():
     split = split_text_classification(ids, torch.ones_like(ids), table.y[:n], 2, table.groups[:n])
     train_groups = {table.groups[int(i)] for i in split.x_train[:, 0]}
     assert not train_groups & {table.groups[int(i)] for i in split.x_val[:, 0]} and len(split.y_val) == 8
+
+
+# ---- source-task metrics: what a run forgets --------------------------------------------------------------
+
+def test_mlp_digits_source_metrics_score_the_base_on_upright_digits(lora_home, one_thread):
+    task = prepare_task("mlp-digits", pretrain_steps=30)
+    model, cpu = task.build_model().train(), torch.device("cpu")
+    base = task.source_metrics(model, cpu)
+    assert set(base) == {"source_loss", "source_accuracy"} and model.training      # its mode is left as it was
+    source, _ = digits_splits()
+    with torch.no_grad():
+        logits = model.eval()(source.x_val)
+    assert base["source_accuracy"] == pytest.approx(float((logits.argmax(-1) == source.y_val).float().mean()))
+    assert base["source_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, source.y_val)), rel=1e-5)
+    with torch.no_grad():
+        model.fc3.weight.zero_()
+        model.fc3.bias.zero_()
+    forgot = task.source_metrics(model, cpu)
+    assert forgot["source_accuracy"] < base["source_accuracy"] and forgot["source_loss"] == pytest.approx(math.log(10))
+
+
+@pytest.fixture
+def one_thread():
+    """The project's thread rule for the toy built-ins (one thread), for the block of a test."""
+    from lora_analysis.training.runtime import threads_scope
+
+    with threads_scope("tiny-gpt"):
+        yield
+
+
+def test_tiny_gpt_source_metrics_are_bounded_and_fixed(lora_home, one_thread):
+    from lora_analysis.training import models
+
+    task = prepare_task("tiny-gpt", pretrain_steps=2, seq_len=16)
+    model, cpu = task.build_model(), torch.device("cpu")
+    first, again = task.source_metrics(model, cpu), task.source_metrics(model, cpu)
+    assert first == again and set(first) == {"source_loss", "source_perplexity"}      # the same windows each time
+    assert first["source_perplexity"] == pytest.approx(math.exp(first["source_loss"]), rel=1e-6)
+    seen = []
+    original = models.F.cross_entropy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models.F, "cross_entropy", lambda logits, y, **kw: seen.append(y.numel()) or original(logits, y))
+        task.source_metrics(model, cpu)
+    assert 0 < sum(seen) <= models.SOURCE_MAX_TOKENS                                   # bounded: cheap at every eval
+
+
+def test_a_user_csv_is_scored_on_the_rows_that_pretrained_its_base(lora_home, tmp_path):
+    rows = "\n".join(f"{i % 7},{(i * 3) % 5},{i % 2}" for i in range(40))
+    (tmp_path / "t.csv").write_text("a,b,label\n" + rows + "\n")
+    task = prepare_task("mlp-digits", str(tmp_path / "t.csv"), pretrain_steps=5)
+    assert set(task.source_metrics(task.build_model(), torch.device("cpu"))) == {"source_loss", "source_accuracy"}

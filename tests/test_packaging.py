@@ -33,7 +33,7 @@ def venv(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pkg")
     source = base / "src"
     source.mkdir()
-    for name in ["pyproject.toml", "README.md", *(p.name for p in ROOT.glob("requirements*.txt"))]:
+    for name in ["pyproject.toml", "README.md", "LICENSE", *(p.name for p in ROOT.glob("requirements*.txt"))]:
         shutil.copy(ROOT / name, source / name)
     for package in ("lora_analysis", "dashboard"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -71,6 +71,9 @@ def test_pip_install_gives_the_console_script_and_the_dashboard_files(venv, tmp_
     assert shipped <= {p.relative_to(installed) for p in installed.rglob("*.py")}
     version = run_in(tmp_path, str(venv / "lora-analysis"), "--version")
     assert version.stdout.strip() == "lora-analysis 0.1.0"
+    meta = run_in(tmp_path, str(venv / "python"), "-c", "from importlib.metadata import metadata as m; "
+                  "print(m('lora-analysis')['License-Expression'])")
+    assert meta.stdout.strip() == "MIT", meta.stderr                 # the LICENSE file's license, declared
 
 
 def test_console_script_help_is_fast_and_imports_no_torch(venv, tmp_path):

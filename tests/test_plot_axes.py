@@ -1,11 +1,10 @@
-"""Every figure's axes fit its data (issue 8, defect 15: the Spectra page's rank-sweep chart ran its log
-index axis out to 1e12 for a 256-wide module, an annotation at x = rank_90 read as log10 on a log axis).
+"""Every figure's axes fit its data (issue 8, defect 15; issue 14, "axes stretched by annotations": the
+Spectra chart's index axis ran to 1e12–1e28 and Rank & alpha's update-size axis to 1e10, labels placed at N
+on a log axis landing at 10^N).
 
-Without kaleido (``fig.full_figure_for_display()`` needs it) the check works on the figure itself:
-plotly's autorange covers the traces, the shapes and the annotations placed in data coordinates, so each of
-those must lie within the axis' data. On a log axis a shape's x0/y0 is a data value, but an annotation's x/y
-and an explicit ``range`` are log10 values. Explicit ranges must show all the data (and, on a log axis, not
-run more than a decade past it). Log axes must not be handed values ≤ 0 (plotly drops them silently).
+The check is :func:`lora_analysis.plots.checks.axis_overreach` / ``axis_problems`` (the page and browser
+tests use the same functions): no axis shows more than a margin past its data, no explicit range clips
+data, no single value is left to plotly's invented scale, no value ≤ 0 goes to a log axis.
 """
 
 from __future__ import annotations
@@ -28,104 +27,12 @@ from lora_analysis.analysis.spectra import spectra_frame
 from lora_analysis.plots import analysis as A
 from lora_analysis.plots import params as P
 from lora_analysis.plots import training as T
+from lora_analysis.plots.checks import axis_overreach, axis_problems  # noqa: F401 (axis_problems re-exported)
+from lora_analysis.plots.style import bounded_axis, reference_line
 from lora_analysis.weights import ModuleUpdate
 
 
-# ---- the check ----------------------------------------------------------------------------------------------
-
-def _numbers(values) -> list[float]:
-    if values is None:
-        return []
-    flat = np.asarray(values, dtype=object).ravel()
-    out = []
-    for v in flat:
-        if isinstance(v, (list, tuple, np.ndarray)):
-            out += _numbers(v)
-        elif isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v):
-            out.append(float(v))
-    return out
-
-
-def _layout_key(ref: str) -> str:
-    """"x" → "xaxis", "y2" → "yaxis2"."""
-    return f"{ref[0]}axis{ref[1:]}"
-
-
-def _trace_values(fig: go.Figure) -> dict[str, list[float]]:
-    """Numeric data per axis reference ("x", "y2", ...); a bar's baseline 0 counts on its value axis."""
-    found: dict[str, list[float]] = {}
-    for trace in fig.data:
-        if "xaxis" not in trace:                     # tables
-            continue
-        for letter in ("x", "y"):
-            ref = getattr(trace, f"{letter}axis") or letter
-            values = _numbers(getattr(trace, letter, None))
-            value_axis = "y" if getattr(trace, "orientation", None) != "h" else "x"
-            if trace.type == "bar" and letter == value_axis and values and fig.layout[_layout_key(ref)].type != "log":
-                values.append(0.0)              # bars start at 0 on a linear axis (a log axis has no 0)
-            found.setdefault(ref, []).extend(values)
-    return found
-
-
-def _shape_positions(fig: go.Figure, ref: str) -> list[float]:
-    letter = ref[0]
-    out = []
-    for shape in fig.layout.shapes:
-        if (getattr(shape, f"{letter}ref") or letter) == ref:
-            out += _numbers([getattr(shape, f"{letter}0"), getattr(shape, f"{letter}1")])
-    return out
-
-
-def axis_problems(fig: go.Figure) -> list[str]:
-    """What plotly would draw wrong or far too wide on each numeric axis (empty when all is well)."""
-    problems = []
-    data = _trace_values(fig)
-    refs = set(data) | {getattr(s, f"{c}ref") for s in fig.layout.shapes for c in "xy"} | \
-        {getattr(a, f"{c}ref") for a in fig.layout.annotations for c in "xy"}
-    refs = {r for r in refs if r and r[0] in "xy" and "domain" not in r and r != "paper"}
-    for ref in sorted(refs):
-        axis = fig.layout[_layout_key(ref)]
-        log = axis.type == "log"
-        if axis.type == "category":
-            continue
-        values = data.get(ref, [])
-        if log:
-            bad = [v for v in values if v <= 0]
-            if bad:
-                problems.append(f"{ref}: {len(bad)} value(s) ≤ 0 on a log axis (not drawn)")
-            values = [v for v in values if v > 0]
-        shapes = _shape_positions(fig, ref)
-        if log and any(v <= 0 for v in shapes):
-            problems.append(f"{ref}: a shape at ≤ 0 on a log axis")
-        content = values + [v for v in shapes if v > 0 or not log]
-        explicit = axis.range is not None and None not in axis.range
-        if explicit:
-            lo, hi = sorted(10 ** r if log else r for r in axis.range)
-            if values and (min(values) < lo * (1 - 1e-9) - 1e-12 or max(values) > hi * (1 + 1e-9) + 1e-12):
-                problems.append(f"{ref}: explicit range [{lo:.3g}, {hi:.3g}] clips the data "
-                                f"[{min(values):.3g}, {max(values):.3g}]")
-            if log and values and (hi > 10 * max(values) or lo < min(values) / 10):
-                problems.append(f"{ref}: explicit log range [{lo:.3g}, {hi:.3g}] runs over a decade past the "
-                                f"data [{min(values):.3g}, {max(values):.3g}]")
-        elif content:
-            lo, hi = min(content), max(content)
-        else:
-            continue
-        for note in fig.layout.annotations:
-            if (getattr(note, f"{ref[0]}ref") or ref[0]) != ref:
-                continue
-            pos = getattr(note, ref[0])
-            if pos is None:
-                continue
-            where = 10 ** pos if log else pos
-            slack = (hi / lo) ** 0.05 if log and lo > 0 else None
-            inside = (lo / slack <= where <= hi * slack) if slack else \
-                (lo - 0.05 * (hi - lo) - 1e-12 <= where <= hi + 0.05 * (hi - lo) + 1e-12)
-            if not inside:
-                problems.append(f"{ref}: annotation {note.text!r} at {where:.3g} (axis value {pos!r}) is outside "
-                                f"the data [{lo:.3g}, {hi:.3g}]{' (log axis: annotation x is log10)' if log else ''}")
-    return problems
-
+# ---- the check: lora_analysis.plots.checks (axis_overreach, axis_problems), re-exported for older imports ---
 
 # ---- small real data ------------------------------------------------------------------------------------------
 
@@ -203,6 +110,21 @@ def _metrics() -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _young() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run 3 steps into 100: a nearly flat training loss, one validation point at step 0."""
+    metrics = pd.DataFrame({"run_id": "20261130-120000-0a1b2c3d", "name": "LoRA r=8", "method": "lora",
+                            "step": [0, 1, 2, 3], "train_loss": [None, 10.41, 10.38, 10.36],
+                            "val_loss": [10.5, None, None, None]})
+    runs = pd.DataFrame([{"id": "20261130-120000-0a1b2c3d", "name": "LoRA r=8", "status": "running", "steps": 100}])
+    return metrics, runs
+
+
+def _no_layers() -> pd.DataFrame:
+    """Spectra of a model without layers (mlp-digits: fc1, fc2, fc3), effective ranks 7.90–7.95 of 8."""
+    return pd.DataFrame({"name": ["fc1", "fc2", "fc3"], "kind": "lora", "rank": 8.0, "out_features": 64,
+                         "in_features": 64, "effective_rank": [7.90, 7.95, 7.93], "stable_rank": [3.0, 4.0, 5.0]})
+
+
 def _figures() -> dict[str, go.Figure]:
     ups = _updates()
     frame = spectra_frame({**ups, **{f"{n}.full": u for n, u in _full(ups).items()}})
@@ -217,6 +139,7 @@ def _figures() -> dict[str, go.Figure]:
                                                                       for r in (1, 2, 4, 8, 16)]})
     memory = pd.DataFrame({"full": [2e9, 2e9, 4e9], "lora": [2e9, 1e7, 2e7]},
                           index=["weights", "gradients", "optimizer states"])
+    young = _young()
     task = pd.DataFrame({"variant": ["frozen base", "LoRA (unmerged)", "LoRA (merged)", "full fine-tuning"],
                          "val_accuracy": [0.1, 0.9, 0.9, 0.97]})
     return {
@@ -235,6 +158,16 @@ def _figures() -> dict[str, go.Figure]:
         "latency": A.plot_latency(latency_check(model, x, repeats=2, warmup=0, devices=["cpu"])),
         "base_overlap": A.plot_base_overlap(base_overlap(one, k=5)),
         "loss_curves": T.plot_loss_curves(_metrics()),
+        "loss_curves_young": T.plot_loss_curves(young[0], log_y=True, runs=young[1]),
+        "loss_curves_young_val": T.plot_loss_curves(young[0], "val_loss", log_y=True, runs=young[1]),
+        "loss_curves_young_no_runs": T.plot_loss_curves(young[0], "val_loss", log_y=True),
+        "rank_heatmap_no_layers": A.plot_rank_heatmap(_no_layers()),
+        "loss_vs_rank_far_base": T.plot_metric_vs_rank(_runs().assign(
+            val_loss=[3.4, 3.1, 3.2, 3.15, 3.0], base_val_loss=16.6), "val_loss"),
+        "metric_vs_alpha_one_alpha": T.plot_metric_vs_alpha(_runs()[_runs()["alpha"] != 64.0]),
+        "update_norm_one_alpha": T.plot_update_norm(_norms()[_norms()["alpha"].isin([16.0]) |
+                                                            (_norms()["method"] == "full")], "alpha"),
+        "base_overlap_one_k": A.plot_base_overlap(base_overlap(one, k=1)),
         "loss_curves_log": T.plot_loss_curves(_metrics(), "val_loss", log_y=True),
         "metric_vs_rank": T.plot_metric_vs_rank(_runs()),
         "metric_vs_alpha": T.plot_metric_vs_alpha(_runs()),
@@ -291,3 +224,163 @@ def test_the_check_catches_clipping_and_non_positive_log_values():
     hline.update_yaxes(type="log")
     hline.add_hline(y=3.0, annotation_text="full FT 3")                # annotation y=3 means 1e3 here
     assert any("1e+03" in p for p in axis_problems(hline))
+
+
+def test_axis_overreach_measures_each_axis():
+    fig = go.Figure(go.Scatter(x=[1, 2, 10, 100], y=[1.0, 0.5, 0.1, 0.01]))
+    fig.update_xaxes(type="log")
+    fig.add_vline(x=12, annotation_text="rank_90 = 12")               # the label lands at x = 1e12
+    reach = axis_overreach(fig)
+    assert set(reach) == {"xaxis", "yaxis"}
+    x = reach["xaxis"]
+    assert x.log and x.data == (1.0, 100.0) and x.shown == (1.0, 1e12) and not x.explicit
+    assert x.over == pytest.approx(5.0)                             # 10 decades past a 2-decade span
+    assert reach["yaxis"].over == 0.0
+    fixed = go.Figure(fig.data)
+    fixed.update_xaxes(type="log")
+    reference_line(fixed, 12, "rank_90 = 12", axis="x", log=True)    # the label at log10(12)
+    assert axis_overreach(fixed)["xaxis"].over == 0.0 and axis_problems(fixed) == []
+
+
+def test_explicit_ranges_single_values_and_bounds():
+    wide = go.Figure(go.Scatter(x=[0, 1, 2], y=[5.0, 6.0, 7.0]))
+    wide.update_yaxes(range=[0, 10])                                 # 5 below a span of 2 (3 above)
+    assert axis_overreach(wide)["yaxis"].over == pytest.approx(2.5)
+    assert any("past the data" in p for p in axis_problems(wide))
+    assert axis_problems(wide, margin=3.0) == []
+    one = go.Figure(go.Scatter(x=[0], y=[3.0], mode="markers"))        # plotly would show x in −1…1
+    assert sum("one value" in p for p in axis_problems(one)) == 2
+    one.update_xaxes(range=[-0.02, 0.02])
+    one.update_yaxes(range=[2.9, 3.1])
+    assert axis_problems(one) == []
+    phi = go.Figure(go.Scatter(x=[1, 2, 3], y=[0.01, 0.02, 0.03]))
+    phi.update_yaxes(range=[0, 1.02])
+    assert axis_problems(phi)                                        # 0–1 is far wider than 0.01–0.03 ...
+    bounded_axis(phi, "y", 0, 1)
+    assert axis_problems(phi) == []                                  # ... unless declared φ's natural range
+    assert axis_problems(phi.to_json()) == [] and axis_problems(phi.to_plotly_json()) == []
+
+
+def test_the_check_reads_page_specs_bars_heatmaps_and_subplots():
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2)
+    fig.add_trace(go.Bar(x=["a", "b"], y=[3.0, 4.0]), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=[[1, 2], [3, 4]], x=[1, 2], y=[10, 20]), row=1, col=2)
+    fig.update_yaxes(range=[0, 40], row=1, col=2)                    # the heatmap's rows reach 5 … 25
+    reach = axis_overreach(fig.to_json())                            # packed arrays ("bdata") decoded
+    assert "xaxis" not in reach                                      # a category axis
+    assert reach["yaxis"].data == (0.0, 4.0)                          # bars start at 0
+    assert reach["xaxis2"].data == (0.5, 2.5) and reach["yaxis2"].data == (5.0, 25.0)
+    assert reach["yaxis2"].over == pytest.approx(0.75)
+
+
+def test_young_runs_look_like_runs_in_progress():
+    train, val = FIGURES["loss_curves_young"], FIGURES["loss_curves_young_val"]
+    # a flat loss (10.41 → 10.36) stays on a linear axis: a log axis over 0.5 % has unreadable ticks
+    assert train.layout.yaxis.type == "linear"
+    assert train.layout.xaxis.range[0] < 1 and 100 <= train.layout.xaxis.range[1] <= 103
+    planned = [t for t in train.data if t.name == "planned end: step 100"]
+    assert len(planned) == 1 and list(planned[0].x) == [100, 100]
+    assert [a.text for a in train.layout.annotations] == ["run in progress: step 3 of 100"]
+    # one validation point: a marker on a 0 … 100 step axis, never centred on −1 … 1
+    (point,) = [t for t in val.data if t.name == "LoRA r=8"]
+    assert point.mode == "markers" and list(point.x) == [0]
+    assert val.layout.xaxis.range[0] < 0 < 100 <= val.layout.xaxis.range[1] <= 103
+    # without the runs' table the single point still gets a scale fitted to it
+    alone = FIGURES["loss_curves_young_no_runs"]
+    assert -0.1 <= alone.layout.xaxis.range[0] < 0 < alone.layout.xaxis.range[1] <= 0.1
+    assert alone.layout.xaxis.dtick == 1
+
+
+def test_a_far_reference_is_marked_not_drawn():
+    fig = FIGURES["loss_vs_rank_far_base"]
+    assert [s.y0 for s in fig.layout.shapes] == [3.0]                 # full fine-tuning, beside the runs
+    (edge,) = [a for a in fig.layout.annotations if "frozen base" in a.text]
+    assert edge.text == "frozen base 16.6 ↑ above the chart" and edge.yref == "y domain"
+    lo, hi = fig.layout.yaxis.range
+    assert lo < 3.0 and 3.4 < hi < 3.6                               # the runs fill the chart
+    near = T.plot_metric_vs_rank(_runs())                            # accuracy: base 0.1 beside 0.6–0.97
+    assert sorted(s.y0 for s in near.layout.shapes) == [0.1, 0.97]
+
+
+def test_stacked_bars_and_error_bars_count_whole():
+    stack = go.Figure([go.Bar(x=["full", "LoRA"], y=[2.0, 2.0]), go.Bar(x=["full", "LoRA"], y=[4.0, 0.1])])
+    stack.update_layout(barmode="stack")
+    stack.update_yaxes(range=[0, 6.2])                               # the full stack is 6 tall: not clipped
+    assert axis_overreach(stack)["yaxis"].data == (0.0, 6.0) and axis_problems(stack) == []
+    grouped = go.Figure(stack.data)
+    grouped.update_yaxes(range=[0, 6.2])
+    assert axis_overreach(grouped)["yaxis"].data == (0.0, 4.0)
+    spread = go.Figure(go.Bar(x=["cpu"], y=[1.0], error_y={"type": "data", "array": [0.5], "arrayminus": [0.2],
+                                                           "symmetric": False}))
+    assert axis_overreach(spread)["yaxis"].data == (0.0, 1.5)
+
+
+# ---- log axes: tick labels shown once (issue: the amplification bars read "10, 9 … 1, 9 …") ---------------
+
+def _label_value(label: str) -> float:
+    """A tick label back to its number: 0.05, 300, 20k, 1.5M, 2e-8."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(label[:-1]) * scale[label[-1]] if label[-1] in scale else float(label)
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_every_log_axis_shows_each_tick_label_once(name):
+    from lora_analysis.plots.checks import log_tick_labels, log_tick_problems
+
+    fig = FIGURES[name]
+    assert log_tick_problems(fig) == []
+    for key, labels in log_tick_labels(fig).items():
+        ax = fig.layout[key]
+        # explicit ticks (plotly takes tickmode "array" from tickvals), each labelled with its own value
+        assert ax.tickmode in (None, "array") and len(ax.tickvals) == len(ax.ticktext) == len(set(ax.ticktext))
+        for value, text in zip(ax.tickvals, ax.ticktext):
+            assert _label_value(str(text)) == pytest.approx(value, rel=1e-9), (key, text, value)
+
+
+def test_log_tick_values_and_labels_never_repeat():
+    from lora_analysis.plots.style import LOG_MAX_TICKS, log_tick_values, tick_labels
+
+    # spans where plotly's own log ticks label digits alone ("D1"/"D2": 2, 5, 2, 5 …), and wider and narrower
+    spans = [(1, 256), (0.7, 3.4), (0.05, 12), (1e-8, 1e-2), (1e3, 1e9), (1e-30, 1), (2.01, 2.3), (3, 3.05),
+             (0.9, 1.1), (1e5, 3e5), (1e-5, 2e-5), (12, 12)]
+    for lo, hi in spans:
+        ticks = log_tick_values(lo, hi)
+        labels = tick_labels(ticks)
+        assert 1 <= len(ticks) <= LOG_MAX_TICKS and ticks == sorted(ticks), (lo, hi, ticks)
+        assert all(lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) for t in ticks), (lo, hi, ticks)
+        assert len(set(labels)) == len(labels), (lo, hi, labels)
+        assert [_label_value(t) for t in labels] == pytest.approx(ticks, rel=1e-9)
+        if hi / lo >= 1.2:
+            assert len(ticks) >= 3, (lo, hi, ticks)
+    assert tick_labels(log_tick_values(1, 256)) == ["1", "2", "5", "10", "20", "50", "100", "200"]
+    assert tick_labels(log_tick_values(0.7, 3.4)) == ["0.7", "0.8", "0.9", "1", "2", "3"]
+    assert tick_labels(log_tick_values(1e-8, 1e-2)) == ["1e-8", "1e-7", "1e-6", "1e-5", "1e-4", "0.001", "0.01"]
+    assert tick_labels([1e4, 2e5, 1.5e6, 3e9]) == ["10k", "200k", "1.5M", "3G"]
+    with pytest.raises(ValueError, match="0 < lo"):
+        log_tick_values(0, 1)
+
+
+def test_apply_style_labels_every_log_axis_and_the_check_catches_plotlys_own_ticks():
+    from plotly.subplots import make_subplots
+
+    from lora_analysis.plots.checks import log_tick_problems
+    from lora_analysis.plots.style import apply_style
+
+    raw = go.Figure(go.Bar(x=["a", "b", "c"], y=[0.02, 1.5, 40.0]))
+    raw.update_yaxes(type="log")
+    assert log_tick_problems(raw) and "plotly's own" in log_tick_problems(raw)[0]
+    fig = make_subplots(rows=1, cols=2)
+    fig.add_trace(go.Scatter(x=[1, 2, 3], y=[0.02, 1.5, 40.0]), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[1, 2, 3], y=[3e-9, 1e-6, 2e-4]), row=1, col=2)
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(range=[-9, -3], row=1, col=2)                  # an explicit range: its ticks span it
+    apply_style(fig, "two log panels")
+    assert log_tick_problems(fig) == []
+    assert list(fig.layout.yaxis.ticktext) == ["0.1", "1", "10"]                 # 0.02 … 40: the powers of 10
+    assert list(fig.layout.yaxis2.ticktext)[0] == "1e-9" and list(fig.layout.yaxis2.ticktext)[-1] == "0.001"
+    # ticks a plot function chose are kept
+    own = go.Figure(go.Scatter(x=[1, 4, 16], y=[1, 2, 3]))
+    own.update_xaxes(type="log", tickvals=[1, 4, 16], ticktext=["1", "4", "16"])
+    assert list(apply_style(own).layout.xaxis.ticktext) == ["1", "4", "16"]

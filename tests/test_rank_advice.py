@@ -192,3 +192,29 @@ def test_reduced_adapter_keys_name_exactly_one_module(tmp_path):
 def test_advice_never_exceeds_the_module_size():
     advice = rank_advice([_update("m", [1.0] * 4, out_f=4, in_f=16)], energy=1.0, min_rank=8)
     assert advice["advised_rank"].tolist() == [4]
+
+
+@pytest.mark.parametrize("rank, alpha, rslora", [(1, 16.0, False), (4, 16.0, False), (8, 4.0, True)])
+def test_advice_for_a_trained_rank_and_alpha_reproduces_the_trained_scaling(rank, alpha, rslora):
+    """An r=1, α=16 run used to get α=2 (α = 2·r): a copied config 8× off the trained update. Kept scaling:
+    PEFT's α/r (α/√r with use_rslora) of the advised config equals the trained run's, module by module."""
+    from lora_analysis.analysis.rank_advice import trained_scalings
+    from lora_analysis.lora.layer import compute_scaling
+
+    trained = compute_scaling(rank, alpha, rslora)
+    ups = [ModuleUpdate(u.name, lora_A=u.lora_A[:rank], lora_B=u.lora_B[:, :rank], scaling=trained)
+           for u in (_update("layers.0.q_proj", [3.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05]),
+                     _update("layers.0.v_proj", [1.0, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], seed=1))]
+    advice = rank_advice(ups, energy=0.9)
+    config = peft_config_from_advice(advice, alpha_mode="trained", scalings=trained_scalings(ups), use_rslora=rslora)
+    peft = pytest.importorskip("peft")
+    lora_config = peft.LoraConfig(**config)
+    for name, k in zip(advice["name"], advice["advised_rank"]):
+        a = next((v for key, v in lora_config.alpha_pattern.items() if key.strip("^$").replace("\\", "") == name),
+                 lora_config.lora_alpha)
+        r = next((v for key, v in lora_config.rank_pattern.items() if key.strip("^$").replace("\\", "") == name),
+                 lora_config.r)
+        assert r == k
+        assert (a / r ** 0.5 if lora_config.use_rslora else a / r) == pytest.approx(trained)
+    if rank == 1:
+        assert config["r"] == 1 and config["lora_alpha"] == 16.0     # not 2.0

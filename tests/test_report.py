@@ -53,3 +53,44 @@ def test_a_failed_write_leaves_no_temp_file_and_keeps_the_old_report(tmp_path, m
     with pytest.raises(OSError, match="the disk is full"):
         write_report(path, "new", sections())
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"] and path.read_text() == old
+
+
+SCRIPT = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=alert(1)>"
+
+
+def test_user_text_is_escaped_everywhere_in_a_report_of_hostile_names():
+    """Run names, module names, config values and notes from shared files reach the report only escaped: in
+    the prose, the tables, the takeaways, the settings links, and inside the figures' JSON script blocks
+    (where a raw </script> would end the block)."""
+    import torch
+
+    from lora_analysis.analysis.registry import Inputs
+    from lora_analysis.run_report import report_sections
+    from lora_analysis.weights import ModuleUpdate
+
+    g = torch.Generator().manual_seed(0)
+
+    def update(name, rank):
+        return ModuleUpdate(name, w0=torch.randn(12, 8, generator=g), lora_A=torch.randn(rank, 8, generator=g),
+                            lora_B=torch.randn(12, rank, generator=g), scaling=2.0)
+
+    modules = [f"layers.0.{IMG}", f"layers.1.{SCRIPT}"]
+    inputs = Inputs.from_updates({f"run {SCRIPT}": {m: update(m, 4) for m in modules},
+                                  f"run {IMG}": {m: update(m, 2) for m in modules}})
+    sections = report_sections(inputs, include=("spectra", "subspaces"))
+    assert any(SCRIPT in s.answer or IMG in s.answer for s in sections)       # the names do reach the report
+    sections[0].runs = ["run-1"]
+    configs = {"run-1": {"name": SCRIPT, "config": {"notes": IMG, "targets": [SCRIPT]}, "environment": {}}}
+    page = render_report(f"Report {SCRIPT}", sections, configs=configs, subtitle=IMG)
+    assert SCRIPT not in page and IMG not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    # inside the figures' JSON: escaped (as \u003c… or &lt;), so no script block is ended early
+    blocks = re.findall(r"<script[^>]*>(.*?)</script>", page, flags=re.S)
+    for block in blocks:
+        for found in re.finditer("alert", block):
+            before = block[found.start() - 40:found.start()]
+            assert "\\u003c" in before or "&lt;" in before, block[found.start() - 60:found.end()]
+    assert page.count("<script") == page.count("</script>")     # every block ends where it should
+    # the settings link of a section points at its run's settings table
+    assert "href='#run-run-1'" in page and "id='run-run-1'" in page

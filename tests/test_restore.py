@@ -35,9 +35,12 @@ def test_merged_equals_unmerged_on_every_built_in_model(lora_home, model):
     relative to the outputs' size (the logits reach tens, where float32 itself resolves ~1e-6)."""
     from lora_analysis.analysis.merge_check import merge_check
 
+    from lora_analysis.training.runtime import threads_scope
+
     result = train(TrainConfig(model=model, rank=4, alpha=16, steps=15, pretrain_steps=30))
-    restored = restore_run(runstore.load_run(result.run_id))
-    check = merge_check(restored.model, restored.held_out_inputs(32), dtypes=["float32"])
+    with threads_scope(model):          # the thread rule for small models, as train() applies it
+        restored = restore_run(runstore.load_run(result.run_id))
+        check = merge_check(restored.model, restored.held_out_inputs(32), dtypes=["float32"])
     errors = check.errors.set_index("variant")
     for variant in ("merged", "merged_unmerged", "merge_and_unload"):
         assert errors.loc[variant, "max_rel"] < 1e-5, (variant, errors.loc[variant].to_dict())

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from lora_analysis import runstore
-from lora_analysis.training import TrainConfig, prepare_task, train
+from lora_analysis.training import TrainConfig, train
+from lora_analysis.training.trainer import task_for
 
 
 def _dead_pid() -> int:
@@ -26,7 +27,7 @@ def _dead_pid() -> int:
 
 @pytest.fixture
 def lora_run(lora_home):
-    task = prepare_task("mlp-digits")
+    task = task_for(TrainConfig(model="mlp-digits"))
     return train(TrainConfig(model="mlp-digits", rank=2, alpha=4, steps=12, eval_every=6), task=task)
 
 
@@ -96,7 +97,7 @@ def test_killed_mid_write_lists_as_interrupted_and_leftovers_are_ignored(lora_ho
 
 
 def test_concurrent_runs_in_threads_never_clobber_each_other(lora_home):
-    task = prepare_task("mlp-digits")
+    task = task_for(TrainConfig(model="mlp-digits"))
     results, errors = {}, []
 
     def work(seed):
@@ -137,6 +138,14 @@ def test_export_import_round_trip(lora_run, tmp_path):
     pd.testing.assert_frame_equal(runstore.load_run(lora_run.run_id).metrics_frame(), imported.metrics_frame())
     again = runstore.import_run(bundle, other)          # the id is taken there: a new one
     assert again.id != imported.id and again.record["imported_as_new_id_of"] == imported.id
+    # ...yet it is the same run (issue 14): one origin, kept through every copy, and listings dedupe by it
+    assert lora_run.run_id == runstore.load_run(lora_run.run_id).origin == imported.origin == again.origin
+    third = runstore.import_run(runstore.export_run(again, tmp_path / "again"), other)
+    assert third.origin == lora_run.run_id
+    listed = runstore.list_runs(other)
+    assert len(listed) == 3 and [r.id for r in runstore.unique_runs(listed)] == [imported.id]
+    runstore.delete_run(imported.id, other)
+    assert [r.id for r in runstore.unique_runs(runstore.list_runs(other))] == [again.id]   # the first import left
 
 
 def _zip(path, entries: dict[str, bytes]):
@@ -338,3 +347,41 @@ def test_reading_tensors_turns_only_file_errors_into_value_errors(tmp_path, monk
     monkeypatch.setattr(safetensors.torch, "load_file", bug)
     with pytest.raises(KeyError, match="a programming error"):           # a bug shows as a bug
         runstore._read_tensors(tmp_path / "bad.safetensors")
+
+
+def test_a_run_killed_while_its_base_loads_lists_as_interrupted(lora_home):
+    """Issue 13: run.json is written before the base is loaded or pretrained, so kill -9 at that moment
+    leaves an "interrupted" run with its settings, not an empty folder."""
+    script = ("import time\n"
+              "from lora_analysis.training import TrainConfig, trainer\n"
+              "def slow(config, progress=None):\n"
+              "    time.sleep(600)\n"
+              "trainer.task_for = slow\n"
+              "trainer.train(TrainConfig(model='mlp-digits', rank=3, steps=5))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ))
+    try:
+        root, deadline = lora_home / "runs", time.time() + 120
+        while time.time() < deadline and not list(root.glob("*/run.json")):
+            assert proc.poll() is None, "the training process ended early"
+            time.sleep(0.1)
+        [run] = runstore.list_runs()
+        assert run.status == "running" and run.config["rank"] == 3
+    finally:
+        proc.kill()
+        proc.wait()
+    [run] = runstore.list_runs()
+    assert run.status == "interrupted" and run.config["rank"] == 3 and run.name.startswith("mlp-digits LoRA r=3")
+
+
+def test_stale_hidden_folders_are_removed_when_a_run_starts(lora_home):
+    """What a killed import or delete left is removed when the next run claims its folder, and never
+    matched by a run id."""
+    root = lora_home / "runs"
+    root.mkdir(parents=True)
+    dead = root / f".import-{_dead_pid()}-{int(time.time() * 1000)}-abcd"
+    (dead / "adapter").mkdir(parents=True)
+    (root / ".deleting-20260101-000000-abcd-123456").mkdir()
+    with pytest.raises(ValueError, match="never start with"):
+        runstore.delete_run(".imp")
+    writer = runstore.create_run({"model": "mlp-digits", "method": "lora"})
+    assert [p.name for p in root.iterdir()] == [writer.id]

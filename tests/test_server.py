@@ -104,6 +104,14 @@ def test_the_project_config_and_the_cli_pass_the_same_streamlit_settings():
     assert flat["server.enableCORS"] is True       # Streamlit's CORS *protection*: cross-origin access off
 
 
+def test_the_theme_follows_the_visitors_system():
+    """No forced light (or dark) theme: Streamlit follows the browser's colour scheme."""
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    # any theme option, even only primaryColor, makes a custom theme on the light base
+    assert "theme" not in config
+    assert not [k for k in cli_dashboard.STREAMLIT_OPTIONS if k.startswith("theme.")]
+
+
 def test_upload_limit_is_the_largest_a_page_accepts():
     from dashboard.common import MAX_UPLOAD_BYTES
 

@@ -10,15 +10,15 @@ import torch
 
 from lora_analysis import runstore
 from lora_analysis.lora import lora_layers
-from lora_analysis.training import TrainConfig, prepare_task, train
-from lora_analysis.training.trainer import adaptable_modules
+from lora_analysis.training import TrainConfig, train
+from lora_analysis.training.trainer import adaptable_modules, task_for
 
 GPT = dict(model="tiny-gpt", pretrain_steps=20, seq_len=32, batch_size=16, max_eval_tokens=1024)
 
 
 @pytest.fixture
 def digits(lora_home):
-    return prepare_task("mlp-digits")
+    return task_for(TrainConfig(model="mlp-digits"))     # task_for: pretrained on the thread rule's one thread
 
 
 def test_lora_on_mlp_digits_learns_and_leaves_the_base_bit_identical(digits, lora_home):
@@ -86,7 +86,7 @@ def test_same_seed_gives_identical_losses_and_other_seed_differs(digits, lora_ho
 
 
 def test_tiny_gpt_lora_and_full_ft_lower_the_loss(lora_home):
-    task = prepare_task("tiny-gpt", pretrain_steps=20, seq_len=32)
+    task = task_for(TrainConfig(**GPT))
     assert task.kind == "causal-lm" and task.data.seq_len == 32
     for method, lr, targets in (("lora", 1e-2, "all-linear"), ("full", None, None)):
         result = train(TrainConfig(**GPT, method=method, lr=lr, targets=targets, rank=4, steps=30, eval_every=10),
@@ -122,8 +122,7 @@ def test_progress_and_cancel_hooks(digits, lora_home):
 def test_nan_loss_fails_the_run_with_a_clear_message(digits, lora_home):
     result = train(TrainConfig(model="mlp-digits", method="full", lr=1e12, steps=100, grad_clip=None), task=digits)
     assert result.status == "failed"
-    assert result.error.startswith("loss became NaN at step ") or result.error.startswith("loss became inf at step ")
-    assert "lower the learning rate" in result.error
+    assert result.error.startswith("diverged at step ") and "lower the learning rate (lr=1e+12)" in result.error
     record = json.loads((result.run_dir / "run.json").read_text())
     assert record["status"] == "failed" and record["error"] == result.error
     assert not (result.run_dir / "full_weights.safetensors").exists()
@@ -157,7 +156,7 @@ def test_unknown_target_and_bf16_on_cpu(digits, lora_home):
 
 
 def test_adaptable_modules_leave_out_the_lm_head(lora_home):
-    task = prepare_task("tiny-gpt", pretrain_steps=2, seq_len=16)
+    task = task_for(TrainConfig(model="tiny-gpt", pretrain_steps=2, seq_len=16))
     names = adaptable_modules(task.build_model())
     assert "lm_head" not in names and len(names) == 3 * 6
 
@@ -203,3 +202,111 @@ def test_three_threads_reproduce_the_sequential_losses(digits, lora_home):
         torch.set_num_threads(threads_before)
     assert len(sequential) == 12
     assert losses == {0: sequential, 1: sequential, 2: sequential}
+
+
+@pytest.mark.parametrize("lr, steps", [(1e6, 1), (1e6, 4), (1e30, 1)])
+def test_one_divergence_rule_fails_the_run(digits, lora_home, lr, steps):
+    """A loss far above the frozen base's (lr 1e6: 1e17, finite) or NaN (lr 1e30) fails the run, whether it
+    shows in a training step or in the validation after the last step, and no weights are saved."""
+    result = train(TrainConfig(model="mlp-digits", lr=lr, steps=steps, eval_every=steps), task=digits)
+    assert result.status == "failed", result.metrics
+    assert result.error.startswith("diverged at step ")
+    assert result.error.endswith(f"lower the learning rate (lr={lr:g})")
+    assert "\n" not in result.error
+    run = runstore.load_run(result.run_id)
+    assert run.status == "failed" and run.error == result.error
+    assert not (run.dir / "adapter").exists()
+
+
+def test_a_learning_rate_that_overflows_the_first_step_is_refused(lora_home):
+    with pytest.raises(ValueError, match=r"lr=1e\+38 is not allowed: lr must be at most 3e\+37"):
+        train(TrainConfig(model="mlp-digits", lr=1e38, steps=1))
+    assert not (lora_home / "runs").exists() or not list((lora_home / "runs").iterdir())
+
+
+def test_runs_are_bit_identical_and_record_what_they_depend_on(digits, lora_home):
+    """Issue 15: a built-in trains on one thread with deterministic algorithms (for the run only), and the
+    run records versions, threads, torch's build and the device."""
+    threads_before, det_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cfg = TrainConfig(model="mlp-digits", rank=4, dropout=0.1, steps=12, eval_every=6)
+    a, b = train(cfg, task=digits), train(cfg, task=digits)
+    assert a.metrics["val_loss"] == b.metrics["val_loss"] and a.metrics["val_accuracy"] == b.metrics["val_accuracy"]
+    cols = [c for c in a.history if c != "elapsed_s"]
+    assert a.history[cols].equals(b.history[cols])
+    assert torch.get_num_threads() == threads_before and torch.are_deterministic_algorithms_enabled() == det_before
+    env = runstore.load_run(a.run_id).environment
+    assert env["threads"] == 1 and env["deterministic"] is True and env["device"] == "cpu"
+    assert env["torch"] == torch.__version__ and env["numpy"] and env["python"]
+    assert env["torch_build"]["blas"] and "cpu_capability" in env["torch_build"] and env["cpu"]
+    # the threads setting overrides the rule, and is recorded
+    c = train(TrainConfig(**{**cfg.to_dict(), "steps": 1, "threads": 2}), task=digits)
+    assert runstore.load_run(c.run_id).environment["threads"] == 2
+    assert torch.get_num_threads() == threads_before
+
+
+def test_evaluate_merges_the_source_task_metrics_into_every_evaluation(digits, lora_home):
+    """Contract 1: ``task.source_metrics(model, device)`` is measured at every evaluation (step 0 too), and
+    the run store keeps the extra columns and final values."""
+    import dataclasses
+
+    calls = []
+
+    def measure(model, device):
+        calls.append(model.training)
+        return {"source_loss": 1.5 + len(calls), "accuracy": 0.25}      # a key without the prefix gets it
+
+    task = dataclasses.replace(digits, source_metrics=measure)
+    result = train(TrainConfig(model="mlp-digits", rank=2, steps=4, eval_every=2), task=task)
+    assert calls == [False, False, False]           # steps 0, 2, 4, in eval mode
+    frame = runstore.load_run(result.run_id).metrics_frame()
+    assert frame.set_index("step")["source_loss"].dropna().to_dict() == {0: 2.5, 2: 3.5, 4: 4.5}
+    assert (frame.set_index("step")["source_accuracy"].dropna() == 0.25).all()
+    m = runstore.load_run(result.run_id).metrics
+    assert m["base_source_loss"] == 2.5 and m["source_loss"] == 4.5 and m["source_accuracy"] == 0.25
+
+
+def test_the_run_folder_is_claimed_before_the_base_is_prepared(lora_home, monkeypatch):
+    """A process killed while the base loads leaves an "interrupted" run, not an empty folder: run.json
+    exists (status running) before the task is prepared. A refused setting found then leaves nothing."""
+    from lora_analysis.training import trainer
+
+    seen = {}
+
+    def slow_task(config, progress=None):
+        [run_dir] = list((lora_home / "runs").iterdir())
+        seen["record"] = json.loads((run_dir / "run.json").read_text())
+        raise ValueError("no such data")
+
+    monkeypatch.setattr(trainer, "task_for", slow_task)
+    with pytest.raises(ValueError, match="no such data"):
+        train(TrainConfig(model="mlp-digits", steps=3))
+    assert seen["record"]["status"] == "running" and seen["record"]["pid"] is not None
+    runs = lora_home / "runs"
+    assert not runs.exists() or not [d for d in runs.iterdir() if not d.name.startswith(".")]
+
+
+def test_the_thread_rule_and_its_scope():
+    from lora_analysis.training.runtime import SMALL_MODEL_PARAMS, threads_for, threads_scope
+
+    assert threads_for("mlp-digits") == threads_for("tiny-gpt") == 1
+    assert threads_for("minilm") is None and threads_for("some/model", n_params=SMALL_MODEL_PARAMS) is None
+    assert threads_for("some/model", n_params=SMALL_MODEL_PARAMS - 1) == 1
+    assert threads_for("mlp-digits", requested=3) == 3 and threads_for("mlp-digits", requested=0) == 1
+    before = torch.get_num_threads()
+    with threads_scope("some/model", requested=2) as outer:
+        assert outer == torch.get_num_threads() == 2
+        with threads_scope("tiny-gpt") as inner:
+            assert inner == 1
+        with threads_scope("minilm") as untouched:      # the rule leaves a large model's count alone
+            assert untouched == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+
+
+def test_task_for_passes_every_data_setting_on(monkeypatch):
+    """The ``task`` setting (classification / causal-lm) reaches prepare_task (it was validated, then dropped)."""
+    from lora_analysis.training import trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "prepare_task", lambda model, data, **kw: seen.update(kw, model=model, data=data))
+    trainer.task_for(TrainConfig(model="mlp-digits", task="classification", seq_len=8, pretrain_steps=3))
+    assert seen["task"] == "classification" and seen["seq_len"] == 8 and seen["pretrain_steps"] == 3

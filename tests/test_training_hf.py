@@ -284,3 +284,23 @@ def test_text_classification_files_and_task_names_are_checked(lora_home, tmp_pat
         TrainConfig(model=path, task="regression").validate()
     with pytest.raises(ValueError, match="task='causal-lm' is not allowed for the built-in model 'mlp-digits'"):
         prepare_task("mlp-digits", task="causal-lm")
+
+
+def test_a_folder_holding_only_a_pickle_is_refused_in_one_line(tmp_path):
+    from lora_analysis.training import hf
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    transformers.GPT2Config(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=1).save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not even a pickle: it must never be opened")
+    for task in ("causal-lm", "classification"):
+        with pytest.raises(ValueError) as info:
+            hf.load_model(str(folder), task, num_labels=2)
+        message = str(info.value)
+        assert "\n" not in message and "pytorch_model.bin" in message and "never loaded" in message
+        assert "safe_serialization=True" in message          # says how to convert
+    # a safetensors file beside it: the folder is loadable, the pickle is ignored
+    _save_tiny("gpt2", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"ignored")
+    model, _ = hf.load_model(str(folder), "causal-lm")
+    assert sum(p.numel() for p in model.parameters()) > 0

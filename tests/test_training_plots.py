@@ -54,6 +54,99 @@ def test_loss_curves_and_costs(runs):
     assert [t.name for t in fig.data] == ["a", "full"] and list(fig.data[1].y) == [2.0, 0.5]
     costs = plot_cost_comparison(runs)
     assert len(costs.data) == 2 and list(costs.data[0].x) == ["LoRA r=1", "LoRA r=4", "LoRA r=16", "full FT"]
-    assert costs.data[0].y[-1] == pytest.approx(700_000 / 2**20)
+    assert costs.data[0].y[-1] == pytest.approx(700_000 / 2**10)              # 684 KiB, not 0.67 MiB
+    assert costs.layout.annotations[0].text == "params + grads + optimizer states (KiB)"
     with pytest.raises(ValueError, match="needs the column"):
         plot_metric_vs_rank(runs.drop(columns=["rank"]))
+
+
+def test_loss_axis_is_log_only_when_it_helps():
+    steps = list(range(6))
+    falling = pd.DataFrame({"name": "a", "method": "lora", "step": steps,
+                            "val_loss": [16.6, 5.0, 3.4, 3.2, 3.1, 3.05]})           # the base's 16.6 at step 0
+    fig = plot_loss_curves(falling, "val_loss", log_y=True)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.tickformat == "~g"   # 0.7, 0.8 … not 7, 8 …
+    lo, hi = fig.layout.yaxis.range                                                  # log10 values
+    assert 10 ** lo < 3.05 and 16.6 < 10 ** hi < 25
+    flat = falling.assign(val_loss=[10.4, 10.3, 10.2, 10.2, 10.1, 10.1])
+    assert plot_loss_curves(flat, "val_loss", log_y=True).layout.yaxis.type == "linear"
+    assert plot_loss_curves(falling, "val_loss").layout.yaxis.type == "linear"       # log only when asked
+    # each run has its own colour, its legend name is text
+    two = pd.concat([falling.assign(run_id="20261130-000000-aaaaaaaa"),
+                     falling.assign(run_id="20261130-000000-bbbbbbbb", name="b", method="full")])
+    fig = plot_loss_curves(two, "val_loss")
+    assert [t.name for t in fig.data] == ["a", "b"] and fig.data[1].line.width == 2.5
+
+
+def test_memory_in_human_units():
+    from lora_analysis.plots.params import plot_memory
+    from lora_analysis.plots.style import byte_unit
+
+    assert byte_unit([600 * 2**10]) == (2**10, "KiB") and byte_unit([3 * 2**30, 5]) == (2**30, "GiB")
+    assert byte_unit([512]) == (1.0, "B") and byte_unit([]) == (1.0, "B")
+    small = pd.DataFrame({"full": [400_000.0, 200_000.0], "lora": [400_000.0, 1000.0]},
+                         index=["weights", "gradients"])
+    fig = plot_memory(small)
+    assert fig.layout.yaxis.title.text == "KiB" and fig.data[0].y[0] == pytest.approx(400_000 / 1024)
+    big = plot_memory(small * 2**20)
+    assert big.layout.yaxis.title.text == "GiB"
+
+
+def test_reference_lines_and_single_values_fit(runs):
+    one = runs[runs["rank"].isin([4]) | (runs["method"] == "full")]
+    fig = plot_metric_vs_alpha(one)                                   # one alpha: 16
+    lo, hi = fig.layout.xaxis.range
+    assert 10 ** lo < 16 < 10 ** hi and hi - lo < 0.5                # not plotly's 1.6 … 160
+    assert list(fig.layout.xaxis.tickvals) == [16.0]
+
+
+def test_margins_a_plot_sets_survive_the_house_style(runs):
+    # the cost bars need room under rotated run names; the house style must not reset it
+    assert plot_cost_comparison(runs).layout.margin.b == 120
+    assert plot_loss_curves(pd.DataFrame({"name": "a", "step": [1, 2], "train_loss": [2.0, 1.0]})).layout.margin.l == 60
+
+
+def test_a_running_run_without_a_planned_count_still_says_it_runs():
+    metrics = pd.DataFrame({"run_id": "r1", "name": "a", "step": [1, 2], "train_loss": [2.0, 1.9]})
+    fig = plot_loss_curves(metrics, runs=pd.DataFrame({"id": ["r1"], "name": ["a"], "status": ["running"],
+                                                       "steps": [None]}))
+    assert [a.text for a in fig.layout.annotations] == ["run in progress: step 2"]
+    assert [t.name for t in fig.data] == ["a"]                       # no planned end to draw
+    done = plot_loss_curves(metrics, runs=pd.DataFrame({"id": ["r1"], "status": ["completed"], "steps": [50]}))
+    assert not done.layout.annotations and done.layout.xaxis.range[1] < 3
+
+
+def _title_boxes(fig) -> list[tuple[float, float]]:
+    """(top, bottom) in px from the figure's top of each panel title: its annotation sits on its panel's top
+    edge (y in paper units, anchored at its bottom) and is one line of its font high (1.3 × the size)."""
+    height, margin = fig.layout.height, fig.layout.margin
+    area = height - margin.t - margin.b
+    out = []
+    for note in fig.layout.annotations:
+        assert note.yref == "paper" and note.yanchor == "bottom" and "<br>" not in note.text
+        bottom = margin.t + (1 - note.y) * area - (note.yshift or 0)
+        out.append((bottom - 1.3 * note.font.size, bottom))
+    return out
+
+
+@pytest.mark.parametrize("costs", [("training_state_bytes", "train_seconds"),
+                                   ("training_state_bytes", "train_seconds", "peak_rss_bytes")])
+def test_cost_panel_titles_never_collide(runs, costs):
+    fig = plot_cost_comparison(runs.assign(peak_rss_bytes=3e8), costs=costs)
+    height, margin = fig.layout.height, fig.layout.margin
+    area = height - margin.t - margin.b
+    boxes = _title_boxes(fig)
+    assert len(boxes) == len(costs) == len(fig.data)
+    # the chart's title: its baseline in the middle of the top margin, 1.4 × the font size high
+    title_bottom = margin.t / 2 + 0.3 * 1.4 * 13
+    assert boxes[0][0] > title_bottom
+    domains = [fig.layout[f"yaxis{i if i > 1 else ''}"].domain for i in range(1, len(costs) + 1)]
+    for i, (top, bottom) in enumerate(boxes):
+        assert bottom <= margin.t + (1 - domains[i][1]) * area + 1e-6          # above its own panel
+        if i:
+            above = margin.t + (1 - domains[i - 1][0]) * area                 # the bottom of the panel above
+            assert top > above + 4, (i, top, above)
+            assert top > boxes[i - 1][1]                                      # and below the title above
+    # the run names are written once, under the last panel (the panels share the run axis)
+    shown = [fig.layout[f"xaxis{i if i > 1 else ''}"].showticklabels for i in range(1, len(costs) + 1)]
+    assert shown[:-1] == [False] * (len(costs) - 1) and shown[-1] is not False

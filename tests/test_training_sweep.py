@@ -153,3 +153,23 @@ def test_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
         make_executor("ray")
     with pytest.raises(ValueError, match="needs Ray"):
         executor_from_spec({"kind": "ray", "address": "auto"})
+
+
+def test_a_sweep_applies_the_trainers_divergence_rule(lora_home):
+    """Issue 13: at lr 1e6 the losses stay finite (1e17) yet the runs diverged: a sweep marks them failed as
+    train does, with the same one-line message; lr 1e38 is refused before any run starts."""
+    result = run_sweep(sweep_settings(ranks=[2], alphas=[16], full_ft=True, steps=3, eval_every=3, lr=1e6))
+    assert [r.status for r in result.results] == ["failed", "failed"]
+    for r in result.results:
+        assert r.error.startswith("diverged at step ") and r.error.endswith("lower the learning rate (lr=1e+06)")
+        assert runstore.load_run(r.run_id).status == "failed"
+    with pytest.raises(ValueError, match=r"lr=1e\+38 is not allowed"):
+        sweep_settings(ranks=[2], lr=1e38)
+
+
+def test_pretraining_message_gives_step_loss_and_time_left():
+    from lora_analysis.training.sweep import pretrain_message
+
+    assert pretrain_message("tiny-gpt", 2, 100, 3.2, 1.0).endswith("step 2/100 · loss 3.2000")   # too early to tell
+    assert pretrain_message("tiny-gpt", 10, 200, 3.2, 1.5).endswith("step 10/200 · loss 3.2000 · about 28 s left")
+    assert pretrain_message("tiny-gpt", 10, 2000, 3.2, 20.0).endswith("about 1 h 6 min left")

@@ -3,8 +3,10 @@
 
 import streamlit as st
 
-from dashboard.common import chart, guarded
+from dashboard.common import answer, chart, guarded, next_question, page_question, question
 from dashboard.jobs_ui import job_panel
+from dashboard.plain_text import plain
+from dashboard.runs import all_runs, completed
 from lora_analysis import jobs
 from lora_analysis.analysis.registry import ANALYSES
 from lora_analysis.plots.params import plot_lora_diagram
@@ -12,8 +14,29 @@ from lora_analysis.plots.params import plot_lora_diagram
 QUICK_DEMO = {"model": "mlp-digits", "ranks": [1, 2, 4, 8, 16], "alphas": [16.0], "full_ft": True, "seed": 0}
 
 
+# the questions users come with, and the page that answers each from their runs
+QUESTIONS = [("rank_alpha", page_question("rank_alpha", "Which rank should I use?")),
+             ("spectra", page_question("spectra", "What did LoRA learn compared with full fine-tuning?")),
+             ("merge", page_question("merge", "Is my merged model the same model?")),
+             ("params", "How many parameters and how much memory does LoRA save?")]
+
+
+def store_answer() -> str:
+    runs = completed(all_runs())
+    if not runs:
+        return ("The run store has no completed runs yet: run the quick demo below (about half a minute on a "
+                "CPU) and each page answers its question from those runs.")
+    models = sorted({r.model for r in runs})
+    lora = sum(r.method == "lora" for r in runs)
+    return (f"The run store holds {len(runs)} completed runs of {', '.join(models)} ({lora} LoRA, "
+            f"{len(runs) - lora} full fine-tuning): each page below answers its question from them.")
+
+
 def page() -> None:
-    st.title("lora-analysis")
+    question("lora-analysis", "What does LoRA change in my model, and what does it cost?")
+    answer(store_answer(), "Counted from the run store: completed runs, by model and method.")
+    for name, text in QUESTIONS:
+        next_question(name, text, icon=":material/help:")
     st.markdown(
         "**Low-Rank Adaptation keeps a pretrained weight W frozen and learns its update as the product of "
         "two thin matrices, ΔW = (α/r)·B·A, with B of shape d×r and A of shape r×k.** "
@@ -37,7 +60,7 @@ def page() -> None:
         job_panel(job_id)
 
     with st.expander("What each analysis answers (the pages and the HTML report show the same)"):
-        st.markdown("\n".join(f"- **{a.title}**: {a.question}" for a in ANALYSES))
+        st.markdown("\n".join(f"- **{plain(a.title)}**: {plain(a.question)}" for a in ANALYSES))
 
 
 page()

@@ -5,7 +5,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.analyses import inputs_for, result, widget
-from dashboard.common import chart, guarded
+from dashboard.common import (answer, chart, guarded, next_question, page_question, question, reading,
+                              table)
+from dashboard.plain_text import plain
 from dashboard.runs import all_runs, completed, empty_store_message
 from lora_analysis.analysis import registry
 from lora_analysis.analysis.merge_check import merge_verdict
@@ -16,15 +18,15 @@ DRAWING = ("reference",)
 
 
 def verdict(errors: pd.DataFrame, latency: pd.DataFrame) -> tuple[bool, str]:
-    """The library's verdict (computed from the numbers: PEFT's element-wise allclose) and the CPU speed."""
+    """The library's verdict (computed from the numbers: PEFT's element-wise allclose). No speed claim: one
+    wall-clock reading is noise; the registered answer states a speed difference only beyond its spread."""
     found = merge_verdict(errors)
-    cpu = latency[latency["device"] == "cpu"].set_index("variant")["relative"]
-    return found.same, (f"{found.text} The merged model runs at {cpu.get('merged', float('nan')):.2f}× the base "
-                        f"model's CPU time; unmerged LoRA at {cpu.get('unmerged', float('nan')):.2f}×.")
+    return found.same, found.text.replace("**", "")
 
 
 def page() -> None:
-    st.title("Merge equivalence")
+    question("Merge equivalence", page_question("merge", "Is my merged model the same model?"))
+    head = st.container()        # the answer goes above the charts, once the check has run
     st.caption("x·(W + ΔW) = x·W + x·ΔW: merging B·A into W should change nothing but the speed. In float32 it "
                "holds to rounding; in bfloat16/float16 the fp32 delta is rounded into the weight's dtype, and a "
                "naive in-dtype merge rounds twice. Each low-precision dtype is checked as users run it: float32 "
@@ -37,7 +39,6 @@ def page() -> None:
         return
     chosen: dict = {}
     widget(MERGE, "run", inputs, chosen, "merge_run")
-    head = st.container()        # the verdict goes above the charts, once the check has run
     left, right = st.columns(2)
     widget(MERGE, "reference", inputs, chosen, "merge_ref", container=left, kind="radio")
 
@@ -50,31 +51,33 @@ def page() -> None:
         return
     check, merge = res.value.check, res.value
     same, text = verdict(check.errors, merge.latency)
+    computed = getattr(res, "answer", "") or ""      # the library's answer: verdict and timing beyond the spread
     with head:
-        (st.success if same else st.warning)(text, icon=":material/check_circle:" if same else ":material/warning:")
+        answer(computed or text, getattr(res, "rule", "") or "", warn=not same)
         for dtype, reason in check.skipped.items():
-            st.warning(f"{dtype} was skipped on this machine: {reason}")
+            st.warning(f"{plain(dtype)} was skipped on this machine: {plain(reason)}")
         st.markdown("**Setups checked**: base weights · LoRA factors, and who runs each")
-        st.dataframe(check.setups, hide_index=True, width="stretch")
-    errors_fig, latency_fig, task_fig = figures
+        table(check.setups, "merge-setups", key="merge_setups")
+    errors_fig, latency_fig, task_fig = figures[:3]
     with left:
-        chart(errors_fig, key="merge_errors")
+        chart(errors_fig, key="merge_errors", how_to_read=reading(res, 0))
     with right:
-        chart(latency_fig, key="merge_latency")
+        chart(latency_fig, key="merge_latency", how_to_read=reading(res, 1))
     st.markdown("**Unmerge round trip**: max |W − unmerge(merge(W))| per dtype, float32 factors")
-    st.dataframe(check.roundtrip, hide_index=True, width="stretch")
+    table(check.roundtrip, "unmerge-round-trip", key="merge_roundtrip")
     st.markdown("**Parameters before and after merge_and_unload**")
-    st.dataframe(check.params, hide_index=True)
+    table(check.params, "merge-parameters", key="merge_params", width="content")
 
     st.subheader("Task metric: base, LoRA and full fine-tuning")
     left, right = st.columns([3, 2])
     with left:
-        chart(task_fig, key="merge_task")
-    right.dataframe(merge.task, hide_index=True)
+        chart(task_fig, key="merge_task", how_to_read=reading(res, 2))
+    table(merge.task, "merge-task-metric", key="merge_task_table", container=right)
     if not merge.full:
         right.caption("No full fine-tuning run of this model in the store: run one on Fine-tune.")
     with st.expander("All merge errors"):
-        st.dataframe(check.errors, hide_index=True, width="stretch")
+        table(check.errors, "merge-errors", key="merge_all_errors")
+    next_question("reports", "Next: keep and share these answers (Reports)")
 
 
 page()

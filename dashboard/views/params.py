@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import MAX_JSON_BYTES, chart, fmt_bytes, guarded, read_json_upload
+from dashboard.common import (MAX_JSON_BYTES, answer, answers_box, chart, fmt_bytes, guarded, next_question,
+                              question, read_json_upload, table, uploader)
 from lora_analysis import params as P
 from lora_analysis import runstore
 from lora_analysis.training.restore import task_for_run
@@ -42,16 +43,17 @@ def build(source: str, config_json: str):
 
 
 def page() -> None:
-    st.title("Parameter savings")
+    question("Parameter savings", "How many parameters and how much memory does LoRA save?")
+    head = answers_box()        # the answer, once counted
     st.caption("LoRA trains r·(d+k) values per adapted d×k weight instead of d·k. Counts are exact: presets are "
                "built from their shapes on PyTorch's meta device (nothing is downloaded or allocated) and "
                "totals include the LoRA parameters, as PEFT's print_trainable_parameters does.")
     mode = st.radio("Count for", ["Preset architecture", "Hugging Face config.json", "A run's model", "One matrix"],
                     horizontal=True, key="params_mode")
     if mode == "One matrix":
-        return matrix_mode()
+        return matrix_mode(head)
 
-    source, config_json, run_rank = "", "", None
+    source, config_json, run_rank, run_name = "", "", None, ""
     if mode == "Preset architecture":
         source = st.selectbox("Architecture", sorted(P.PRESETS), index=sorted(P.PRESETS).index("llama-2-7b"),
                               key="params_preset")
@@ -63,12 +65,13 @@ def page() -> None:
             return
         run = runs[st.selectbox("Run", list(runs), key="params_run")]
         source = RUN_PREFIX + str(run.dir)
+        run_name = f"{run.model} (run {run.name})"
         targets = run.config.get("targets")
         run_rank = int(run.config["rank"]) if run.method == "lora" and run.config.get("rank") else None
         default_targets = None if targets in (None, "all-linear") or isinstance(targets, str) else list(targets)
     else:
-        upload = st.file_uploader("config.json of any Hugging Face model", type=["json"], key="params_config",
-                                  max_upload_size=MAX_JSON_BYTES // 2**20)
+        upload = uploader("config.json of any Hugging Face model", MAX_JSON_BYTES, type=["json"],
+                          key="params_config", what="(JSON only)")
         if upload is None:
             st.info("Upload a config.json (JSON only) to count its parameters.")
             return
@@ -101,11 +104,11 @@ def page() -> None:
         st.warning("Choose at least one target module and one rank.")
         return
     with guarded("counting parameters"):
-        table = cached_rank_table(source, config_json, tuple(targets), tuple(sorted(ranks)), dtype)
-        focus = next((r for r in (run_rank, 8) if r in list(table["rank"])), int(table["rank"].iloc[0]))
-        chosen = st.select_slider("Rank for the details below", options=list(table["rank"]), value=focus,
+        ranks_table = cached_rank_table(source, config_json, tuple(targets), tuple(sorted(ranks)), dtype)
+        focus = next((r for r in (run_rank, 8) if r in list(ranks_table["rank"])), int(ranks_table["rank"].iloc[0]))
+        chosen = st.select_slider("Rank for the details below", options=list(ranks_table["rank"]), value=focus,
                                   key=f"params_rank{own}")
-        row = table.set_index("rank").loc[chosen]
+        row = ranks_table.set_index("rank").loc[chosen]
         c = st.columns([1, 1.3, 0.9, 0.9])
         c[0].metric("Trainable (LoRA)", f"{int(row.trainable_params):,}")
         c[1].metric("All parameters", f"{int(row.total_params):,}")
@@ -113,9 +116,9 @@ def page() -> None:
         c[3].metric("Adapter file (fp32)", fmt_bytes(row.adapter_bytes))
         left, right = st.columns(2)
         with left:
-            chart(plot_trainable_vs_rank(table))
+            chart(plot_trainable_vs_rank(ranks_table))
         with right:
-            chart(plot_percent_vs_rank(table))
+            chart(plot_percent_vs_rank(ranks_table))
         mem = P.estimate_training_memory(int(row.base_params), int(row.trainable_params), dtype)
         left, right = st.columns([2, 3])
         with left:
@@ -126,13 +129,22 @@ def page() -> None:
         with right:
             modules = cached_module_table(source, config_json, tuple(targets), int(chosen))
             st.markdown(f"**Per-module table at r={chosen}** ({len(modules)} modules)")
-            st.dataframe(modules, hide_index=True, height=360,
-                         column_config={"ratio": st.column_config.NumberColumn(format="%.1f×")})
-        st.download_button("Download the rank table (CSV)", table.to_csv(index=False), "lora_rank_table.csv",
-                           "text/csv", key="params_csv")
+            table(modules, f"lora-modules-r{chosen}", key="params_modules", height=360,
+                  column_config={"ratio": st.column_config.NumberColumn(format="%.1f×")})
+        st.download_button("Download the rank table (CSV)", ranks_table.to_csv(index=False), "lora_rank_table.csv",
+                           "text/csv", key="params_csv", icon=":material/download:", on_click="ignore")
+        what = source[len(RUN_PREFIX):] if source.startswith(RUN_PREFIX) else source or "the uploaded config"
+        what = run_name if source.startswith(RUN_PREFIX) else what
+        answer(f"At r={chosen}, LoRA on {', '.join(targets)} of {what} trains {int(row.trainable_params):,} of "
+               f"{int(row.total_params):,} parameters ({row.trainable_percent:.4g} %); full fine-tuning needs "
+               f"{mem.ratio:.1f}× LoRA's training memory ({dtype} weights, gradients and AdamW states).",
+               "Counted exactly from the module shapes: r·(d+k) trainable values per adapted d×k weight; memory "
+               "is weights + gradients + AdamW's two states in the chosen dtype, activations excluded.",
+               container=head)
+    next_question("finetune", "Next: train LoRA and full fine-tuning and compare them (Fine-tune)")
 
 
-def matrix_mode() -> None:
+def matrix_mode(head) -> None:
     c = st.columns(3)
     out_f = c[0].number_input("d (out features)", 1, 1_000_000, 1000, key="params_d")
     in_f = c[1].number_input("k (in features)", 1, 1_000_000, 1000, key="params_k")
@@ -144,9 +156,13 @@ def matrix_mode() -> None:
         m[1].metric("LoRA (r·(d+k))", f"{res['lora_params']:,}")
         m[2].metric("Fewer values", f"{res['ratio']:.4g}×", f"-{res['percent_fewer']:.1f} %", delta_color="inverse")
         chart(plot_lora_diagram(int(out_f), int(in_f), int(rank)))
+        answer(f"A {int(out_f)}×{int(in_f)} weight at r={int(rank)} trains {res['lora_params']:,} values instead of "
+               f"{res['full_params']:,}: {res['ratio']:.4g}× fewer.", "r·(d+k) values for B (d×r) and A (r×k), "
+               "against d·k for the whole weight.", container=head)
     st.markdown("**The seeds' examples, recomputed**")
-    st.dataframe(pd.DataFrame([P.matrix_savings(d, k, r) for d, k, r in SEED_EXAMPLES]).assign(
-        shape=lambda t: t["shape"].map(lambda s: f"{s[0]}×{s[1]}")), hide_index=True)
+    table(pd.DataFrame([P.matrix_savings(d, k, r) for d, k, r in SEED_EXAMPLES]).assign(
+        shape=lambda t: t["shape"].map(lambda s: f"{s[0]}×{s[1]}")), "lora-matrix-examples", key="params_examples",
+        width="content")
 
 
 page()

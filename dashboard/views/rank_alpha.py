@@ -5,8 +5,10 @@ which the report shows the same way."""
 import streamlit as st
 
 from dashboard.analyses import inputs_for, result, widget
-from dashboard.common import chart, guarded
+from dashboard.common import (answers_box, chart, guarded, next_question, page_question, question, reading,
+                              result_answer)
 from dashboard.jobs_ui import job_panel
+from dashboard.plain_text import plain
 from dashboard.runs import all_runs, completed, empty_store_message
 from lora_analysis import jobs
 from lora_analysis.analysis import registry
@@ -23,7 +25,8 @@ STUDIES = {
 
 
 def page() -> None:
-    st.title("Rank & alpha effects")
+    question("Rank & alpha effects", page_question("rank_alpha", "Which rank should I use?"))
+    head = answers_box()       # the answer, once the chosen runs are compared
     st.caption("Scaling is α/r (or α/√r with rsLoRA): with Adam, raising α acts like raising the learning rate "
                "of the update. At high rank α/r shrinks the update and learning stalls; rsLoRA keeps it alive.")
     with st.expander("Add a study to the run store"):
@@ -52,13 +55,18 @@ def page() -> None:
             params["setting"] = settings[0]
         widget(RANK_ALPHA, "metric", inputs, params, "ra_metric", container=c[1])
         res = result(RANK_ALPHA, inputs, params)
+        result_answer(res, container=head)
         keys = ["ra_rank", "ra_alpha", "ra_norm_alpha", "ra_norm_rank", "ra_frontier", "ra_cost"]
         for i in range(0, len(res.figures), 2):
-            for column, fig, key in zip(st.columns(2), res.figures[i:i + 2], keys[i:i + 2]):
+            for j, (column, fig) in enumerate(zip(st.columns(2), res.figures[i:i + 2])):
                 with column:
-                    chart(fig, key=key)
+                    chart(fig, key=keys[i + j] if i + j < len(keys) else f"ra_fig{i + j}",
+                          how_to_read=reading(res, i + j))
         if res.text:
-            st.caption(res.text)
+            st.caption(plain(res.text))
+    next_question("spectra", "Next: what did LoRA learn compared with full fine-tuning? (Spectra)")
+    next_question("params", "How many parameters does each rank train? (Parameter savings)",
+                  icon=":material/calculate:")
 
 
 page()

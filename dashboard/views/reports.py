@@ -1,13 +1,12 @@
 """Reports: a self-contained HTML report of chosen runs and registered analyses; run bundles out and in."""
 
-import tempfile
 from pathlib import Path
 
 import streamlit as st
 
-from dashboard.common import MAX_UPLOAD_BYTES, guarded
+from dashboard.common import MAX_UPLOAD_BYTES, answer, fmt_bytes, guarded, question, scratch_dir, uploader
 from dashboard.plain_text import plain
-from dashboard.runs import all_runs, clear_caches, completed, latest_sweep, run_label, stamp
+from dashboard.runs import all_runs, clear_caches, completed, follow_default, latest_sweep, run_label, stamp
 from dashboard.analyses import inputs_for, inputs_key
 from lora_analysis import runstore
 from lora_analysis.analysis.registry import ANALYSES
@@ -27,8 +26,8 @@ def report_section(runs) -> None:
     st.caption("One file, plotly.js inlined once: it opens offline in any browser with every chart interactive, "
                "and carries the runs' configs and environment.")
     labels = {run_label(r): r for r in runs}
-    chosen = st.multiselect("Runs", list(labels), default=[run_label(r) for r in latest_sweep(runs)],
-                            key="rep_runs")
+    follow_default("rep_runs", list(labels), [run_label(r) for r in latest_sweep(runs)])
+    chosen = st.multiselect("Runs", list(labels), key="rep_runs", help="Opens on the newest sweep's runs")
     titles = {a.name: a.title for a in ANALYSES}
     parts = st.multiselect("Analyses (each as its page shows it, at the same defaults)", list(titles),
                            default=list(titles), format_func=titles.get, key="rep_parts")
@@ -58,14 +57,18 @@ def bundle_section(runs) -> None:
 @st.cache_data(max_entries=4, show_spinner="Packing the run…")
 def bundle_bytes(run_dir: str, version: float) -> bytes:
     # zipped once per run version, not on every click elsewhere on the page
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         return runstore.export_run(runstore.read_run(run_dir), Path(tmp) / "bundle.zip").read_bytes()
 
 
 def import_section() -> None:
     st.subheader("Import a run someone shared")
-    upload = st.file_uploader("A run bundle (.zip of JSON, CSV and safetensors files; nothing else is accepted)",
-                              type=["zip"], key="rep_import")
+    limits = runstore.LIMITS
+    upload = uploader("A run bundle (.zip of JSON, CSV and safetensors files; nothing else is accepted)",
+                      MAX_UPLOAD_BYTES, type=["zip"], key="rep_import", what="packed",
+                      more=f"Unpacked it may hold at most {limits.max_files} files and "
+                           f"{fmt_bytes(limits.max_bytes, digits=0)}; larger bundles: python -m lora_analysis runs "
+                           "import BUNDLE.zip.")
     if upload is None:
         return
     marker = f"{upload.name}:{upload.size}:{upload.file_id}"
@@ -76,7 +79,7 @@ def import_section() -> None:
         if upload.size > MAX_UPLOAD_BYTES:
             raise ValueError(f"{upload.name} is {upload.size / 2**20:.0f} MiB: bundles over "
                              f"{MAX_UPLOAD_BYTES // 2**20} MiB go through the CLI (runs import)")
-        with tempfile.TemporaryDirectory() as tmp:
+        with scratch_dir() as tmp:
             path = Path(tmp) / "bundle.zip"
             path.write_bytes(upload.getvalue())
             try:
@@ -89,8 +92,13 @@ def import_section() -> None:
 
 
 def page() -> None:
-    st.title("Reports")
+    question("Reports", "How do I keep and share what these pages found?")
     runs = completed(all_runs())
+    answer(f"{len(runs)} completed runs can go into one offline HTML report, which opens with every page's "
+           "answers and then shows the evidence; each run can also be shared as a bundle that another "
+           "lora-analysis imports." if runs else "There is nothing to report yet: run the quick demo on Home, or "
+           "import a run bundle below.",
+           "The report shows each analysis as its page does, at the same defaults, for the runs chosen below.")
     if runs:
         report_section(runs)
         bundle_section(runs)

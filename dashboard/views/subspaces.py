@@ -5,20 +5,43 @@ amplification and intruders: the report shows the same)."""
 import streamlit as st
 
 from dashboard.analyses import inputs_for, result, show, widget
-from dashboard.common import chart, guarded
+from dashboard.common import (answers_box, chart, download_csv, guarded, next_question, page_question, question,
+                              reading, result_answer, table)
 from dashboard.jobs_ui import job_panel
-from dashboard.runs import all_runs, completed, empty_store_message, latest_sweep, run_label
+from dashboard.runs import all_runs, completed, empty_store_message, follow_default, latest_sweep, run_label, spread
 from dashboard.plain_text import plain
 from lora_analysis import jobs
 from lora_analysis.analysis import registry
 
 SIMILARITY, BASE, AMPLIFICATION, INTRUDERS = (registry.get(n) for n in
                                                ("similarity", "base_overlap", "amplification", "intruders"))
+# Each run costs an SVD per module (about 1.7 s for a tiny-gpt run): the page opens on at most this many,
+# spread over the ranks, and the user may add more up to MAX_RUNS.
+DEFAULT_RUNS = 8
+MAX_RUNS = 24
 
 
-def similarity_section(runs) -> None:
+def choose_runs(runs, default, key: str, label: str, help: str) -> list:
+    """A multiselect of ``runs`` opening on ``default`` (a new sweep replaces a stale choice), at most MAX_RUNS."""
+    labels = {run_label(r): r for r in runs}
+    follow_default(key, list(labels), [run_label(r) for r in default])
+    chosen = st.multiselect(label, list(labels), key=key, max_selections=MAX_RUNS, help=help)
+    return [labels[k] for k in chosen]
+
+
+def sweep_text(runs, shown) -> str:
+    """Which sweep the runs come from, and how many of its runs are shown."""
+    sweep = next((r.sweep_id for r in runs if r.sweep_id), None)
+    where = f"the newest sweep ({sweep}, {runs[0].model})" if sweep else "the runs not in any sweep"
+    if len(shown) == len(runs):
+        return f"Opens on all {len(runs)} runs of {where}."
+    return (f"Opens on {len(shown)} of the {len(runs)} runs of {where}, spread over its ranks (each run takes "
+            f"one SVD per module); add others above, up to {MAX_RUNS}.")
+
+
+def similarity_section(runs, head) -> None:
     st.subheader(SIMILARITY.title)
-    st.caption(SIMILARITY.question)
+    st.caption(plain(SIMILARITY.question))
     if len(runs) < 2:
         st.info("φ compares two runs: add a second run.")
         return
@@ -33,11 +56,12 @@ def similarity_section(runs) -> None:
         widget(SIMILARITY, "side", inputs, params, "sub_side", container=c[2])
         widget(SIMILARITY, "module", inputs, params, "sub_module")
         res = result(SIMILARITY, inputs, params)
+        result_answer(res, container=head)
         left, right = st.columns([3, 2])
         with left:
-            chart(res.figures[0], key="sub_phi")
+            chart(res.figures[0], key="sub_phi", how_to_read=reading(res, 0))
         with right:
-            st.dataframe(res.tables[0][1], hide_index=True)
+            table(res.tables[0][1], "subspace-similarity", key="sub_phi_table")
     if g.failed:
         return
     seeds = {labels[n].config.get("seed") for n in lora}
@@ -61,9 +85,9 @@ def similarity_section(runs) -> None:
                 job_panel(st.session_state["sub_job"])
 
 
-def base_section(runs) -> None:
+def base_section(runs, head) -> None:
     st.subheader(BASE.title)
-    st.caption(f"{BASE.question} {AMPLIFICATION.question}")
+    st.caption(plain(f"{BASE.question} {AMPLIFICATION.question}"))
     inputs = inputs_for(runs)
     with guarded("comparing ΔW with W0") as g:
         reason = BASE.skip_reason(inputs)
@@ -78,18 +102,29 @@ def base_section(runs) -> None:
         amp = result(AMPLIFICATION, inputs, {"run": params["run"]})
     if g.failed:
         return
+    result_answer(amp, container=head)
     left, right = st.columns(2)
     with left:
-        chart(overlap.figures[0], key="base_overlap")
+        chart(overlap.figures[0], key="base_overlap", how_to_read=reading(overlap, 0))
     with right:
-        chart(amp.figures[0], key="amp_bars")
-    chart(amp.figures[1], key="amp_table")
+        chart(amp.figures[0], key="amp_bars", how_to_read=reading(amp, 0))
+    for i, fig in enumerate(amp.figures[1:], start=1):
+        chart(fig, key="amp_table" if i == 1 else f"amp_fig{i}", how_to_read=reading(amp, i))
+    if hasattr(amp.value, "to_csv"):        # the table's numbers, unrounded
+        download_csv(amp.value, "amplification", key="amp_frame")
 
 
-def intruder_section(runs) -> None:
+def intruder_section(runs, head) -> None:
     st.subheader(INTRUDERS.title)
-    st.caption(INTRUDERS.question)
-    inputs = inputs_for(runs)
+    st.caption(plain(INTRUDERS.question))
+    newest = latest_sweep(runs)
+    default = spread(newest, DEFAULT_RUNS)
+    chosen = choose_runs(runs, default, "intr_runs", "Runs compared", "Each run costs one SVD per module")
+    st.caption(plain(sweep_text(newest, default)))
+    if not chosen:
+        st.info("Choose at least one run.", icon=":material/info:")
+        return
+    inputs = inputs_for(chosen)
     with guarded("counting intruders"):
         reason = INTRUDERS.skip_reason(inputs)
         if reason:
@@ -98,19 +133,32 @@ def intruder_section(runs) -> None:
         params = {}
         widget(INTRUDERS, "k", inputs, params, "intr_k", max_value=50)
         res = result(INTRUDERS, inputs, params)
+        result_answer(res, container=head)
         show(res, "intr", tables=False)
-        st.dataframe(res.tables[0][1], hide_index=True)
+        table(res.tables[0][1], "intruders-per-run", key="intr_table")
+        if len(res.tables) > 1:
+            with st.expander("Intruders per module"):
+                table(res.tables[1][1], "intruders-per-module", key="intr_modules")
 
 
 def page() -> None:
-    st.title("Subspaces")
+    question("Subspaces", page_question("subspaces", "What did LoRA learn compared with full fine-tuning?"))
+    head = answers_box()       # the answers of the sections below, once computed
     runs = completed(all_runs())
     if not runs:
         empty_store_message()
         return
-    similarity_section(runs)
-    base_section(runs)
-    intruder_section(latest_sweep(runs))
+    # φ and W0 compare one run or one pair: any run may be chosen, but a large store opens on a few
+    default = runs if len(runs) <= DEFAULT_RUNS else spread(latest_sweep(runs), DEFAULT_RUNS)
+    with st.expander(f"Runs compared on this page ({len(runs)} completed runs in the store)"):
+        chosen = choose_runs(runs, default, "sub_runs", "Runs compared (subspace similarity, ΔW versus W0)",
+                             "The choices of the two sections below")
+        if len(runs) > DEFAULT_RUNS:
+            st.caption(plain(sweep_text(latest_sweep(runs), default)))
+    similarity_section(chosen, head)
+    base_section(chosen, head)
+    intruder_section(runs, head)
+    next_question("merge", "Next: is my merged model the same model? (Merge equivalence)")
 
 
 page()

@@ -7,7 +7,8 @@
 | ``amplification`` | how much ΔW amplifies directions weak in W0 (LoRA paper, Table 7) |
 | ``intruders`` | intruder dimensions of W0 + ΔW (Shuttleworth et al. 2024) |
 | ``rank_advice`` | the rank each module needs, as a PEFT config; shrinking an adapter to it |
-| ``merge_check`` | merged versus unmerged outputs per dtype, round-trip error, latency |
+| ``merge_check`` | merged versus unmerged outputs per dtype, round-trip error, latency with its spread |
+| ``answers`` | the three users' questions (which rank, what LoRA learned, is the merge the same) answered in words |
 | ``sources`` | adapter directories and base weights → ``ModuleUpdate``s |
 | ``registry`` | every analysis once: question, computation, figures, defaults; read by pages, report and CLI |
 

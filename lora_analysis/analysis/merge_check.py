@@ -27,8 +27,10 @@ max |y_ref|; ``allclose`` = PEFT's element-wise test ``torch.allclose(y, y_ref, 
 
 A dtype whose ops the device lacks (float16 matmul on some CPUs) is reported as skipped with the reason,
 never raised. Latency: base (LoRA removed, original W), unmerged and merged (``merge_and_unload``)
-forward passes on the same inputs, repeats interleaved so that machine noise hits all variants alike,
-median reported; CUDA timings synchronise before reading the clock.
+forward passes on the same inputs, repeats interleaved so that machine noise hits all variants alike, each
+repeat a block of calls long enough for the clock (``timeit``'s way), median and interquartile range
+reported; CUDA timings synchronise before reading the clock. :func:`latency_verdicts` states a difference
+only when the interquartile ranges do not overlap.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from ..lora.model import lora_layers, merge, merge_and_unload, unmerge
+from .answers import timing_stats
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "float32": factors kept in float32 (PEFT's default, this library); "base": factors in the base's dtype
@@ -357,17 +360,65 @@ def _timer(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
+LATENCY_COLUMNS = ["device", "variant", "median_ms", "min_ms", "q1_ms", "q3_ms", "iqr_ms", "repeats", "number",
+                   "relative"]
+# a timed block lasts at least this long, so that the clock's resolution and call overhead do not dominate
+MIN_BLOCK_S = 2e-3
+MAX_NUMBER = 1000
+
+
+def _block_size(call: Callable[[], object], now: Callable[[], float]) -> int:
+    """How many calls make one timed block of at least MIN_BLOCK_S (timeit's autorange, capped)."""
+    number = 1
+    while number < MAX_NUMBER:
+        start = now()
+        for _ in range(number):
+            call()
+        if now() - start >= MIN_BLOCK_S:
+            break
+        number *= 2
+    return min(number, MAX_NUMBER)
+
+
+def latency_verdicts(latency: pd.DataFrame) -> pd.DataFrame:
+    """Per device, each variant against the base: is the difference beyond the measured spread?
+    Rows: device, variant, versus ("base"), median_ms, other_ms, measurable (the interquartile ranges do
+    not overlap), text (one sentence, :func:`~lora_analysis.analysis.answers.timing_verdict`)."""
+    from .answers import timing_verdict
+
+    rows = []
+    for device, part in latency.groupby("device", sort=False):
+        by = part.set_index("variant")
+        if "base" not in by.index:
+            continue
+        for variant in by.index:
+            if variant == "base":
+                continue
+            measurable, text = timing_verdict(by.loc[variant].to_dict(), by.loc["base"].to_dict(),
+                                              f"{variant} ({device})", f"base ({device})")
+            rows.append({"device": device, "variant": variant, "versus": "base",
+                         "median_ms": float(by.at[variant, "median_ms"]), "other_ms": float(by.at["base", "median_ms"]),
+                         "measurable": measurable, "text": text})
+    return pd.DataFrame(rows, columns=["device", "variant", "versus", "median_ms", "other_ms", "measurable", "text"])
+
+
 def latency_check(model: nn.Module, inputs, repeats: int = 20, warmup: int = 3,
-                  devices: Sequence[str] | None = None, dtype: str | torch.dtype = "float32") -> pd.DataFrame:
+                  devices: Sequence[str] | None = None, dtype: str | torch.dtype = "float32",
+                  number: int | None = None) -> pd.DataFrame:
     """Forward latency of base (LoRA removed), unmerged LoRA and merged (``merge_and_unload``) models, with
     the weights in ``dtype`` and the LoRA factors in float32 (:func:`setup_model`).
 
     Each device (default: CPU, plus CUDA when available) runs ``warmup`` untimed passes per variant, then
-    ``repeats`` rounds in which each variant runs once, in an order that rotates every round. Rows: device,
-    variant, median_ms, min_ms, repeats, relative (median / base median).
+    ``repeats`` rounds in which each variant runs one timed block of ``number`` calls (default: enough calls
+    for a block of at least 2 ms, found on the base model), in an order that rotates every round. Rows:
+    device, variant, median_ms, min_ms, q1_ms, q3_ms, iqr_ms (per call, over the repeats), repeats, number,
+    relative (median / base median). Compare variants with :func:`latency_verdicts`, never by the medians
+    alone.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be ≥ 1 and warmup={warmup} ≥ 0")
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
+        raise ValueError(f"number={number!r} is not allowed: calls per timed block must be an integer ≥ 1")
     if not lora_layers(model):
         raise ValueError("model has no LoRA layers: apply_lora() or load_adapter() first")
     dt = _dtype(dtype)
@@ -389,14 +440,16 @@ def latency_check(model: nn.Module, inputs, repeats: int = 20, warmup: int = 3,
             for _ in range(warmup):
                 for k in order:
                     _call(variants[k], x)
+            n = number or _block_size(lambda: _call(variants["base"], x), now)
             for i in range(repeats):
                 for k in order[i % len(order):] + order[:i % len(order)]:
                     start = now()
-                    _call(variants[k], x)
-                    times[k].append((now() - start) * 1e3)
+                    for _ in range(n):
+                        _call(variants[k], x)
+                    times[k].append((now() - start) * 1e3 / n)
         base = statistics.median(times["base"])
         for k, ts in times.items():
-            med = statistics.median(ts)
-            rows.append({"device": device.type, "variant": k, "median_ms": med, "min_ms": min(ts),
-                         "repeats": repeats, "relative": med / base if base > 0 else float("nan")})
-    return pd.DataFrame(rows, columns=["device", "variant", "median_ms", "min_ms", "repeats", "relative"])
+            stats = timing_stats(ts)
+            rows.append({"device": device.type, "variant": k, **stats, "min_ms": min(ts), "repeats": repeats,
+                         "number": n, "relative": stats["median_ms"] / base if base > 0 else float("nan")})
+    return pd.DataFrame(rows, columns=LATENCY_COLUMNS)

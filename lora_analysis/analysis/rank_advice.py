@@ -2,7 +2,9 @@
 
 Rank advice: per module, the smallest k whose top-k singular values hold a chosen share of ΔW's energy
 Σσ² (``energy=0.9`` → rank_90). Exported as PEFT ``LoraConfig`` keyword arguments (JSON-ready dict) and as
-a ``LoraConfig(...)`` snippet.
+a ``LoraConfig(...)`` snippet. ``alpha_mode="trained"`` (the registry's default) keeps each module's trained
+scaling s: α' = s·k (α' = s·√k with rsLoRA), so the advised config scales its update exactly as the trained
+run did; "ratio" and "fixed" change the scaling, and :func:`scaling_change` says by how much.
 
 Rank reduction (as kohya's resize_lora, but exact about the scaling): from the factored SVD
 ΔW = U·S·Vᵀ keep the top k and split the singular values evenly between the factors,
@@ -27,19 +29,22 @@ import pandas as pd
 import torch
 
 from ..lora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter
-from ..lora.config import LoRAConfig, effective_rank_alpha, exact_patterns
+from ..lora.config import LoRAConfig, alpha_for_scaling, effective_rank_alpha, exact_patterns, pattern_key
 from ..lora.layer import compute_scaling
 from ..store.files import atomic_save_tensors, atomic_write_text
 from ..weights import ModuleUpdate, as_update_list
 from .spectra import cumulative_energy, energy_rank, factored_svd, update_spectrum
 
 ALPHA_MODES = ("ratio", "fixed")
+# what peft_config_from_advice accepts: "trained" keeps each module's trained scaling (needs ``scalings``)
+CONFIG_ALPHA_MODES = ("trained",) + ALPHA_MODES
 
 
-def _check_alpha_mode(alpha_mode: str) -> None:
-    if alpha_mode not in ALPHA_MODES:
-        raise ValueError(f"alpha_mode={alpha_mode!r} is not allowed: 'ratio' keeps alpha/r fixed, 'fixed' keeps "
-                         "alpha fixed")
+def _check_alpha_mode(alpha_mode: str, allowed: tuple = ALPHA_MODES) -> None:
+    if alpha_mode not in allowed:
+        raise ValueError(f"alpha_mode={alpha_mode!r} is not allowed: "
+                         + ("'trained' keeps each module's trained scaling, " if "trained" in allowed else "")
+                         + "'ratio' keeps alpha/r fixed, 'fixed' keeps alpha fixed")
 
 
 def _check_rank(rank, what: str = "rank") -> None:
@@ -88,25 +93,55 @@ def rank_advice(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate], en
                                        "retained_energy", "fro_norm"])
 
 
+def trained_scalings(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> dict[str, float]:
+    """{module: trained scaling s} of the LoRA modules (full fine-tuning has none)."""
+    return {u.name: float(u.scaling) for u in as_update_list(updates) if u.kind == "lora"}
+
+
+def scaling_change(config: Mapping, scalings: Mapping[str, float]) -> pd.DataFrame:
+    """Per module, the scaling the advised ``config`` gives against the trained one: rows name, rank, alpha,
+    scaling, trained_scaling, factor (advised / trained; 1 keeps the trained update's scale)."""
+    rows = []
+    for name, trained in scalings.items():
+        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        r = int(ranks[key] if (key := pattern_key(ranks, name)) else config["r"])
+        a = float(alphas[key] if (key := pattern_key(alphas, name)) else config["lora_alpha"])
+        s = compute_scaling(r, a, bool(config.get("use_rslora")))
+        rows.append({"name": name, "rank": r, "alpha": a, "scaling": s, "trained_scaling": trained,
+                     "factor": s / trained if trained else float("nan")})
+    return pd.DataFrame(rows, columns=["name", "rank", "alpha", "scaling", "trained_scaling", "factor"])
+
+
 def peft_config_from_advice(advice: pd.DataFrame, alpha_mode: str = "ratio", ratio: float = 1.0,
                             alpha: float | None = None, target_modules: list[str] | str | None = None,
-                            dropout: float = 0.0, use_rslora: bool = False) -> dict:
+                            dropout: float = 0.0, use_rslora: bool = False,
+                            scalings: Mapping[str, float] | None = None) -> dict:
     """PEFT ``LoraConfig`` keyword arguments for the ranks in ``advice`` (from :func:`rank_advice`).
 
     ``r`` is the most common advised rank; modules that differ go in ``rank_pattern`` under keys that match
     exactly that module in PEFT (``^`` + the escaped full name: a bare name would also match longer names
     ending with it). ``alpha_mode="ratio"``: α = ratio·r for every module (same α/r
     scaling everywhere; differing α in ``alpha_pattern``); ``"fixed"``: one α for all (``alpha``, default
-    ratio·r), no ``alpha_pattern``. ``target_modules`` defaults to the modules' last name parts
+    ratio·r), no ``alpha_pattern``. ``"trained"``: each module keeps its trained scaling ``scalings[name]``,
+    α = s·k (s·√k with ``use_rslora``), so the config reproduces the trained update's scale at the advised
+    ranks. ``target_modules`` defaults to the modules' last name parts
     (``["q_proj", "v_proj"]``); pass the source adapter's list to select exactly the same modules.
     """
-    _check_alpha_mode(alpha_mode)
+    _check_alpha_mode(alpha_mode, CONFIG_ALPHA_MODES)
     if advice.empty:
         raise ValueError("rank advice is empty: no module to configure")
     ranks = {str(n): int(k) for n, k in zip(advice["name"], advice["advised_rank"])}
     r = int(_mode(ranks.values()))
     rank_pattern = exact_patterns(ranks, r)
-    if alpha_mode == "ratio":
+    if alpha_mode == "trained":
+        missing = sorted(set(ranks) - set(scalings or {}))
+        if missing:
+            raise ValueError(f"alpha_mode='trained' needs the trained scaling of every module; none for "
+                             f"{missing[:5]} (full fine-tuning has no alpha: use alpha_mode='ratio')")
+        alphas = {n: float(alpha_for_scaling(scalings[n], k, use_rslora)) for n, k in ranks.items()}
+        lora_alpha = float(_mode(a for n, a in alphas.items() if ranks[n] == r))
+        alpha_pattern = exact_patterns(alphas, lora_alpha)
+    elif alpha_mode == "ratio":
         lora_alpha = float(ratio * r)
         alpha_pattern = exact_patterns({n: float(ratio * k) for n, k in ranks.items()}, lora_alpha)
     else:

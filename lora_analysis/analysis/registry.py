@@ -4,6 +4,7 @@
     inputs = Inputs.from_runs(runs)                 # or Inputs.from_updates({"my adapter": updates})
     result = entry.run(inputs, k=5)                 # the other parameters at their registered defaults
     result.figures, result.tables, result.text      # plotly figures, (caption, DataFrame) pairs, prose
+    result.answer, result.rule, result.readings     # the answer computed from the data, how, how to read each figure
     result.section()                                # the same, as a block of the HTML report
 
 Three readers use an entry, and nothing else decides what an analysis shows:
@@ -39,8 +40,17 @@ from ..plots import analysis as plots
 from ..plots import training as training_plots
 from ..report import Section
 from ..weights import ModuleUpdate
-from . import amplification, intruders, rank_advice, similarity
+from . import amplification, answers, intruders, rank_advice, similarity
+from .answers import Answer
 from .spectra import spectra_frame
+
+# The three questions users come with; each analysis that answers one names it (``Analysis.answers``).
+QUESTIONS = {"rank": "Which rank should I use?",
+             "learned": "What did LoRA learn compared with full fine-tuning?",
+             "merge": "Is my merged model the same model?"}
+# The question each dashboard page answers first.
+PAGE_QUESTIONS = {"rank_alpha": QUESTIONS["rank"], "spectra": QUESTIONS["learned"],
+                  "subspaces": QUESTIONS["learned"], "merge": QUESTIONS["merge"]}
 
 NEEDS_W0 = ("{what} compares ΔW with the base weights W0, which {subject} does not hold (an adapter alone has "
             "no W0). Name the base model to include it: --base MODEL_DIR_OR_WEIGHTS.safetensors on the CLI, "
@@ -50,6 +60,27 @@ NEEDS_W0 = ("{what} compares ΔW with the base weights W0, which {subject} does 
 def run_label(run: runstore.Run) -> str:
     """How a run is named on every page and in every report: its name and the end of its id."""
     return f"{run.name} · {run.id[-6:]}"
+
+
+def _origin(run) -> str:
+    """What identifies a run across exports and imports: its origin (its first id), else its id."""
+    return (getattr(run, "origin", None) or getattr(run, "imported_as_new_id_of", None) or run.id)
+
+
+def unique_runs(runs: Sequence[runstore.Run]) -> list[runstore.Run]:
+    """One run per origin, order kept (a run imported again is the same run: stacking both would count it
+    twice). Uses :func:`lora_analysis.runstore.unique_runs` when the store provides it."""
+    store_rule = getattr(runstore, "unique_runs", None)
+    if store_rule is not None:
+        return list(store_rule(list(runs)))
+    seen, out = set(), []
+    for run in runs:
+        key = _origin(run)
+        if key in seen or run.id in seen:
+            continue
+        seen.update({key, run.id})
+        out.append(run)
+    return out
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -72,10 +103,17 @@ class Inputs:
         self._restore = restore
         self._updates: dict[str, Mapping[str, ModuleUpdate]] = {}
         self._spectra: dict[str, pd.DataFrame] = {}
+        self.duplicates: list[str] = []     # runs left out as copies of a chosen run (see from_runs)
 
     @classmethod
     def from_runs(cls, runs: Sequence[runstore.Run], **loaders) -> "Inputs":
-        return cls({run_label(r): r for r in runs}, **loaders)
+        """The runs by label, each run once: a run imported again (same origin) is not counted twice; the
+        copies left out are listed in ``inputs.duplicates``."""
+        kept = unique_runs(runs)
+        inputs = cls({run_label(r): r for r in kept}, **loaders)
+        kept_ids = {r.id for r in kept}
+        inputs.duplicates = [run_label(r) for r in runs if r.id not in kept_ids]
+        return inputs
 
     @classmethod
     def from_updates(cls, updates: Mapping[str, Mapping[str, ModuleUpdate]]) -> "Inputs":
@@ -216,6 +254,14 @@ def _always(inputs: Inputs) -> str | None:
     return None
 
 
+def _no_answer(value, p) -> Answer:
+    return Answer()
+
+
+def _no_readings(value, p) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Analysis:
     """One registered analysis.
@@ -232,6 +278,9 @@ class Analysis:
         params: the parameters, in the order they are resolved (later defaults may depend on earlier ones).
         applies: ``inputs -> None`` when the analysis applies, else the reason it does not.
         each: a parameter the report repeats the analysis over (every choice of it), e.g. "run".
+        answers: which of :data:`QUESTIONS` it answers ("rank", "learned", "merge"), or None.
+        answer: ``(value, params) ->`` :class:`~lora_analysis.analysis.answers.Answer`, computed from the data.
+        readings: ``(value, params) ->`` one "how to read this chart" line per figure ("" for none).
     """
 
     name: str
@@ -247,6 +296,14 @@ class Analysis:
     params: tuple[Param, ...] = ()
     applies: Callable[[Inputs], str | None] = _always
     each: str | None = None
+    answers: str | None = None
+    answer: Callable[[Any, dict], Answer] = _no_answer
+    readings: Callable[[Any, dict], list[str]] = _no_readings
+
+    @property
+    def user_question(self) -> str:
+        """The user question it answers ("" for none): one of :data:`QUESTIONS`."""
+        return QUESTIONS.get(self.answers or "", "")
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -288,8 +345,13 @@ class Analysis:
             raise ValueError(f"{self.title}: {reason}")
         params = self.resolve(inputs, **given)
         value = self.compute(inputs, params)
-        return Result(self.name, self.title, params, value, list(self.figures(value, params)),
-                      list(self.tables(value, params)), self.text(value, params), self.code(value, params))
+        figures = list(self.figures(value, params))
+        found = self.answer(value, params)
+        readings = [str(r or "") for r in list(self.readings(value, params))[:len(figures)]]
+        readings += [""] * (len(figures) - len(readings))
+        return Result(self.name, self.title, params, value, figures, list(self.tables(value, params)),
+                      self.text(value, params), self.code(value, params), answer=found.answer, rule=found.rule,
+                      readings=readings, question=self.user_question)
 
     def runs_over(self, inputs: Inputs, **given) -> list["Result"]:
         """What the report shows: one result, or one per choice of ``each`` (e.g. per run)."""
@@ -313,6 +375,10 @@ class Result:
     tables: list[tuple[str, pd.DataFrame]]
     text: str = ""
     code: str = ""
+    answer: str = ""       # one or two plain sentences answering the question, computed from the data
+    rule: str = ""         # how ``answer`` was computed
+    readings: list[str] = field(default_factory=list)   # "how to read this chart", one per figure ("" = none)
+    question: str = ""     # the user question it answers (one of QUESTIONS), "" for none
 
     def params_text(self) -> str:
         return ", ".join(f"{k}={_show(v)}" for k, v in self.params.items())
@@ -320,7 +386,11 @@ class Result:
     def section(self, each: str | None = None) -> Section:
         title = self.title if each is None else f"{self.title}: {self.params[each]}"
         text = " ".join(t for t in (self.text, f"Parameters: {self.params_text()}.") if t)
-        return Section(title, text, list(self.figures), list(self.tables), code=self.code)
+        readings = list(getattr(self, "readings", []) or [])
+        return Section(title, text, list(self.figures), list(self.tables), code=self.code,
+                       answer=getattr(self, "answer", ""), rule=getattr(self, "rule", ""),
+                       readings=readings + [""] * (len(self.figures) - len(readings)),
+                       question=getattr(self, "question", ""), analysis=self.name)
 
 
 def _show(value) -> str:
@@ -444,9 +514,10 @@ def _training(inputs: Inputs, p: dict) -> Training:
 
 
 def _training_figures(t: Training, p: dict) -> list[go.Figure]:
-    figures = [training_plots.plot_loss_curves(t.metrics, "train_loss", smooth=p["smooth"], log_y=True)]
+    figures = [training_plots.plot_loss_curves(t.metrics, "train_loss", smooth=p["smooth"], log_y=True, runs=t.runs)]
     if "val_loss" in t.metrics.columns and t.metrics["val_loss"].notna().any():
-        figures.append(training_plots.plot_loss_curves(t.metrics, "val_loss", title="Validation loss", log_y=True))
+        figures.append(training_plots.plot_loss_curves(t.metrics, "val_loss", title="Validation loss", log_y=True,
+                                                       runs=t.runs))
     return figures
 
 
@@ -459,6 +530,10 @@ TRAINING = Analysis(
     question="How did each run train: its loss per step and its final metrics?",
     compute=_training, figures=_training_figures, tables=_training_tables,
     text=lambda t, p: f"{len(t.runs)} runs.",
+    readings=lambda t, p: ["Training loss per step (centred rolling mean), on a log scale when the loss spans 4× or "
+                           "more, linear otherwise: lines that keep falling have not converged.",
+                           "Validation loss at each evaluation (log scale when it spans 4× or more); step 0 is "
+                           "the model before training."],
     params=(Param("smooth", 5, "steps in the centred rolling mean of the training loss", "Smoothing", low=1),),
     applies=_needs_runs)
 
@@ -509,11 +584,14 @@ def delta_norms(inputs: Inputs, runs: Sequence[runstore.Run]) -> pd.DataFrame:
 class RankAlpha:
     runs: pd.DataFrame     # runs_frame of the runs of one model and setting
     norms: pd.DataFrame    # delta_norms of the same runs
+    sweeps: int = 1        # how many sweeps the runs come from
+    duplicates: list = field(default_factory=list)   # labels left out as copies of a chosen run
 
 
 def _rank_alpha(inputs: Inputs, p: dict) -> RankAlpha:
     runs = _setting_runs(inputs, p)
-    return RankAlpha(runstore.runs_frame(runs=runs), delta_norms(inputs, runs))
+    sweeps = len({r.sweep_id for r in runs if r.sweep_id}) or 1
+    return RankAlpha(runstore.runs_frame(runs=runs), delta_norms(inputs, runs), sweeps, list(inputs.duplicates))
 
 
 def _rank_alpha_figures(v: RankAlpha, p: dict) -> list[go.Figure]:
@@ -525,10 +603,24 @@ def _rank_alpha_figures(v: RankAlpha, p: dict) -> list[go.Figure]:
 
 
 def _rank_alpha_text(v: RankAlpha, p: dict) -> str:
+    text = ""
     if v.runs["rslora"].nunique() < 2:
-        return ("α/r versus α/√r: the rank chart draws one line per scaling once the runs include both "
+        text = ("α/r versus α/√r: the rank chart draws one line per scaling once the runs include both "
                 "(run the rsLoRA study on the Rank & alpha page).")
-    return ""
+    if v.sweeps > 1:
+        text += f" The runs come from {v.sweeps} sweeps of this model and setting."
+    if v.duplicates:
+        text += f" Left out as copies of a run shown (imported again): {', '.join(v.duplicates)}."
+    return text.strip()
+
+
+RANK_ALPHA_READINGS = (
+    "Final metric per LoRA rank (full fine-tuning as a line): where the curve flattens, more rank buys nothing.",
+    "Final metric per α: α scales the update like a learning-rate multiplier.",
+    "‖ΔW‖_F of each run (over the modules LoRA adapted) per α.",
+    "‖ΔW‖_F of each run per rank: how large an update each rank learned.",
+    "Metric against trainable parameters: the runs up and to the left give the most for the least.",
+    "Training cost per run (state memory, wall-clock time): single readings, which vary with machine load.")
 
 
 RANK_ALPHA = Analysis(
@@ -536,6 +628,8 @@ RANK_ALPHA = Analysis(
     question="How do rank, alpha and the scaling rule (α/r or α/√r) change the final metric, the size of ΔW "
              "and the cost?",
     compute=_rank_alpha, figures=_rank_alpha_figures, text=_rank_alpha_text,
+    answers="rank", answer=lambda v, p: answers.rank_answer(v.runs, p["metric"]),
+    readings=lambda v, p: list(RANK_ALPHA_READINGS),
     params=(Param("model", _first(_models), "the runs' model", "Model", options=_models),
             Param("setting", _first(_settings), "runs with the same data and optimisation settings",
                   "Runs with the same data and optimisation settings", options=_settings),
@@ -545,52 +639,83 @@ RANK_ALPHA = Analysis(
 
 # ---- spectra across runs ----------------------------------------------------------------------------------
 
+def _module_holders(inputs: Inputs) -> dict[str, list[str]]:
+    """{module: the labels whose updates hold it}, modules in first-seen order."""
+    holders: dict[str, list[str]] = {}
+    for label in inputs.labels:
+        for name in inputs.spectra(label)["name"]:
+            holders.setdefault(name, []).append(label)
+    return holders
+
+
 def _common_modules(inputs: Inputs, chosen: dict) -> list[str]:
-    frames = [inputs.spectra(label) for label in inputs.labels]
-    return sorted(set.intersection(*(set(f["name"]) for f in frames))) if frames else []
+    """The modules every chosen run holds; when they share none but are runs of one model (a sweep over
+    target sets), the modules at least two of them hold, most-shared first: compared where they overlap."""
+    holders = _module_holders(inputs)
+    every = sorted(n for n, lbs in holders.items() if len(lbs) == len(inputs.labels))
+    if every or len({inputs.model(lb) for lb in inputs.labels}) > 1:
+        return every
+    shared = [n for n, lbs in holders.items() if len(lbs) >= 2]
+    return sorted(shared, key=lambda n: (-len(holders[n]), n))
 
 
 def _largest_module(inputs: Inputs, chosen: dict) -> str:
-    """The shared module whose ΔW is largest in any run: where the runs learned most."""
+    """Among the modules held by the most runs, the one whose ΔW is largest in any run: where the runs
+    learned most."""
     modules = _common_modules(inputs, chosen)
     if not modules:
         raise ValueError("the chosen runs share no module (different models)")
+    holders = _module_holders(inputs)
+    most = max(len(holders[n]) for n in modules)
     norms = pd.concat([inputs.spectra(label).set_index("name")["fro_norm"] for label in inputs.labels], axis=1)
-    return max(modules, key=lambda n: float(norms.loc[n].max()))
+    return max((n for n in modules if len(holders[n]) == most), key=lambda n: float(norms.loc[n].max()))
 
 
 def _spectra_sweep(inputs: Inputs, p: dict) -> pd.DataFrame:
     rows = []
     for label in inputs.labels:
-        row = inputs.spectra(label).set_index("name").loc[p["module"]]
+        frame = inputs.spectra(label).set_index("name")
+        if p["module"] not in frame.index:
+            continue           # this run does not adapt the module (another target set): said in the text
+        row = frame.loc[p["module"]]
         rows.append({"label": label, "kind": row["kind"], "rank": row["rank"] if row["kind"] == "lora" else None,
-                     "singular_values": row["singular_values"], "rank_90": row["rank_90"]})
-    frame = pd.DataFrame(rows, columns=["label", "kind", "rank", "singular_values", "rank_90"])
+                     "singular_values": row["singular_values"], "rank_90": row["rank_90"],
+                     "available": int(min(row["out_features"], row["in_features"]))})
+    frame = pd.DataFrame(rows, columns=["label", "kind", "rank", "singular_values", "rank_90", "available"])
     # LoRA by rank, then full fine-tuning
     order = sorted(range(len(frame)), key=lambda i: (frame["kind"][i] == "full", frame["rank"][i] or 0))
-    return frame.iloc[order].reset_index(drop=True)
+    frame = frame.iloc[order].reset_index(drop=True)
+    frame.attrs["left_out"] = [lb for lb in inputs.labels if lb not in set(frame["label"])]
+    return frame
 
 
 def _spectra_sweep_text(sweep: pd.DataFrame, p: dict) -> str:
-    full = sweep[sweep["kind"] == "full"]
-    if not len(full):
-        return ""
-    ranks = sorted(int(r) for r in sweep.loc[sweep["kind"] == "lora", "rank"])
-    return (f"Full fine-tuning needs {int(full['rank_90'].iloc[0])} directions for 90% of its ΔW energy in "
-            f"{p['module']}; the LoRA ranks compared are {ranks or 'none'} (Biderman et al. 2024: full "
-            "fine-tuning's update is far from low rank).")
+    left_out = sweep.attrs.get("left_out") or []
+    return (f"Not in this chart (they do not adapt {p['module']}): {', '.join(left_out)}." if left_out else "")
+
+
+def _spectra_sweep_answer(sweep: pd.DataFrame, p: dict) -> Answer:
+    available = int(sweep["available"].iloc[0]) if len(sweep) else None
+    return answers.sweep_answer(sweep, p["module"], available)
 
 
 def _sweep_applies(inputs: Inputs) -> str | None:
     if not inputs.labels:
         return "no run is chosen"
-    return None if _common_modules(inputs, {}) else "the chosen runs share no module (different models)"
+    if _common_modules(inputs, {}):
+        return None
+    if len({inputs.model(lb) for lb in inputs.labels}) > 1:
+        return "the chosen runs share no module (different models)"
+    return "no module is adapted by two of the chosen runs (they adapt different modules): nothing to set side by side"
 
 
 SPECTRA_SWEEP = Analysis(
     name="spectra_sweep", title="LoRA ranks versus full fine-tuning", group="spectra", page="spectra",
     question="Does one module's ΔW need more directions under full fine-tuning than the LoRA ranks allow?",
-    compute=_spectra_sweep, text=_spectra_sweep_text,
+    compute=_spectra_sweep, text=_spectra_sweep_text, answers="learned", answer=_spectra_sweep_answer,
+    readings=lambda sweep, p: ["One line per run: σ_k (divided by σ₁ when normalised) against k, log scale. A "
+                               "spectrum that falls fast needs few directions; full fine-tuning's tail shows how "
+                               "many directions its update uses beyond the LoRA ranks."],
     figures=lambda sweep, p: [plots.plot_rank_sweep_spectra(
         sweep, normalized=p["normalized"], title=f"Spectra across ranks versus full fine-tuning: {p['module']}")],
     params=(Param("module", _largest_module, "the module compared (default: the largest ‖ΔW‖_F in any run)",
@@ -602,7 +727,28 @@ SPECTRA_SWEEP = Analysis(
 # ---- spectra of one run -------------------------------------------------------------------------------------
 
 SPECTRA_TABLE_COLUMNS = ["name", "kind", "shape", "rank", "scaling", "fro_norm", "spectral_norm", "stable_rank",
-                         "effective_rank", "rank_90", "rank_99", "numerical_rank"]
+                         "effective_rank", "rank_90", "rank_99", "numerical_rank", "w0_norm", "relative_norm"]
+
+
+def _spectra_tables(s: pd.DataFrame, p: dict) -> list:
+    table = s[[c for c in SPECTRA_TABLE_COLUMNS if c in s.columns]]
+    if "relative_norm" in table.columns and table["relative_norm"].isna().all():
+        table = table.drop(columns=["w0_norm", "relative_norm"], errors="ignore")    # no base weights: no column of n/a
+    return [("Per-module metrics", table)]
+
+
+def _spectra_text(s: pd.DataFrame, p: dict) -> str:
+    text = (f"{len(s)} modules; ΔW = scaling·B·A for LoRA (spectra computed factored), W_ft − W0 for full "
+            "fine-tuning; rank_90/rank_99: directions holding 90%/99% of Σσ²")
+    if "relative_norm" in s.columns and s["relative_norm"].notna().any():
+        text += "; relative_norm: ‖ΔW‖_F / ‖W0‖_F"
+    return text + "."
+
+
+SPECTRA_READINGS = (
+    "σ_k of ΔW per module against k (log scale): a steep fall means a few directions carry the update.",
+    "Share of ΔW's energy Σσ² held by the top k directions: where a line crosses 0.9 is the module's rank_90.",
+    "The chosen metric per layer and module: which parts of the model the update reshaped most.")
 HEATMAP_METRICS = ("effective_rank", "stable_rank", "rank_90", "fro_norm")
 
 SPECTRA = Analysis(
@@ -612,9 +758,9 @@ SPECTRA = Analysis(
     compute=lambda inputs, p: inputs.spectra(p["run"]),
     figures=lambda s, p: [plots.plot_singular_values(s, normalized=p["normalized"]), plots.plot_cumulative_energy(s),
                           plots.plot_rank_heatmap(s, p["heatmap"])],
-    tables=lambda s, p: [("Per-module metrics", s[[c for c in SPECTRA_TABLE_COLUMNS if c in s.columns]])],
-    text=lambda s, p: (f"{len(s)} modules; ΔW = scaling·B·A for LoRA (spectra computed factored), W_ft − W0 for "
-                       "full fine-tuning; rank_90/rank_99: directions holding 90%/99% of Σσ²."),
+    tables=_spectra_tables, text=_spectra_text,
+    answers="learned", answer=lambda s, p: answers.spectra_answer(s, p["run"]),
+    readings=lambda s, p: list(SPECTRA_READINGS),
     params=(Param("run", _first(_labels), "the run (or adapter) shown", "Run", options=_labels),
             Param("normalized", False, "divide each spectrum by its σ₁", "Normalise each spectrum by σ₁"),
             Param("heatmap", "effective_rank", "per-module metric of the heatmap", "Heatmap metric",
@@ -624,30 +770,76 @@ SPECTRA = Analysis(
 
 # ---- rank advice --------------------------------------------------------------------------------------------
 
+ADVICE_ALPHA_MODES = {"trained": "keep the trained scaling", "ratio": "α = ratio·r", "fixed": "one α for all"}
+
+
 @dataclass
 class RankAdvice:
     advice: pd.DataFrame    # rank_advice: one row per module
     config: dict            # PEFT LoraConfig keyword arguments
+    scaling: pd.DataFrame = field(default_factory=pd.DataFrame)   # rank_advice.scaling_change: advised vs trained
+    note: str = ""          # what the config changes against the trained run, and why
+    trained_rank: int | None = None
+
+
+def _rslora_of(inputs: Inputs, label: str) -> bool:
+    run = inputs.run(label)
+    return bool(run.config.get("rslora")) if run is not None else False
 
 
 def _rank_advice(inputs: Inputs, p: dict) -> RankAdvice:
-    advice = rank_advice.rank_advice(inputs.updates(p["run"]), energy=p["energy"], max_rank=p["max_rank"])
-    return RankAdvice(advice, rank_advice.peft_config_from_advice(advice, alpha_mode=p["alpha_mode"],
-                                                                  ratio=p["ratio"]))
+    updates = inputs.updates(p["run"])
+    advice = rank_advice.rank_advice(updates, energy=p["energy"], max_rank=p["max_rank"])
+    scalings = rank_advice.trained_scalings(updates)
+    rslora = _rslora_of(inputs, p["run"])
+    mode, note = p["alpha_mode"], ""
+    if mode == "trained" and set(scalings) != set(advice["name"]):
+        mode = "ratio"
+        note = (f"Full fine-tuning has no α to keep: α = {p['ratio']:g}·r (alpha mode 'ratio'), a scaling of "
+                f"{p['ratio']:g}.")
+    config = rank_advice.peft_config_from_advice(advice, alpha_mode=mode, ratio=p["ratio"], use_rslora=rslora,
+                                                 scalings=scalings if mode == "trained" else None)
+    change = rank_advice.scaling_change(config, scalings)
+    if scalings and not note:
+        off = change[(change["factor"] - 1).abs() > 1e-9]
+        rule = "α/√r (rsLoRA)" if rslora else "α/r"
+        if off.empty:
+            note = f"The config keeps every module's trained scaling ({rule}): the advised ranks scale the update as the run did."
+        else:
+            low, high = float(off["factor"].min()), float(off["factor"].max())
+            factor = _show(low) if math.isclose(low, high) else f"{_show(low)}–{_show(high)}"
+            note = (f"This config changes the scaling ({rule}) of {len(off)} of {len(change)} modules: "
+                    f"{factor}× the trained one, "
+                    f"because alpha mode '{mode}' sets α from the rank, not from the run; choose 'keep the trained "
+                    "scaling' to reproduce the trained update's scale.")
+    return RankAdvice(advice, config, change, note, inputs.rank(p["run"]))
+
+
+def _advice_code(v: RankAdvice, p: dict) -> str:
+    head = "".join(f"# {line}\n" for line in _wrap(v.note)) if v.note else ""
+    return head + rank_advice.peft_config_snippet(v.config)
+
+
+def _wrap(text: str, width: int = 100) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
 
 
 RANK_ADVICE = Analysis(
     name="rank_advice", title="Rank advice", group="spectra", page="spectra",
     question="Which rank does each module need to keep a chosen share of ΔW's energy, as a PEFT LoraConfig?",
     compute=_rank_advice, figures=lambda v, p: [],
-    tables=lambda v, p: [("Advised rank per module", v.advice)],
-    code=lambda v, p: rank_advice.peft_config_snippet(v.config),
+    tables=lambda v, p: [("Advised rank per module", v.advice)],     # one table: the Spectra page unpacks it
+    code=_advice_code, text=lambda v, p: v.note, answers="rank",
+    answer=lambda v, p: answers.advice_answer(v.advice, p["energy"], v.trained_rank),
     params=(Param("run", _first(_labels), "the run (or adapter) advised", "Run", options=_labels),
             Param("energy", 0.9, "share of ΔW's energy Σσ² the advised rank keeps",
                   "Keep this share of ΔW's energy (Σσ²)", low=0.5, high=0.999),
             Param("max_rank", 64, "largest rank advised", "Largest rank", low=1, high=4096),
-            Param("alpha_mode", "ratio", "ratio: α = ratio·r for every module (same scaling); fixed: one α for all",
-                  "Alpha", options=("ratio", "fixed")),
+            Param("alpha_mode", "trained", "trained: keep each module's trained scaling (α = s·r, or s·√r with "
+                  "rsLoRA), so the config reproduces the trained update; ratio: α = ratio·r for every module; "
+                  "fixed: one α for all", "Alpha", options=tuple(ADVICE_ALPHA_MODES), names=ADVICE_ALPHA_MODES),
             Param("ratio", 2.0, "α / r", "α / r", low=0.0)),
     applies=_needs_subjects, each="run")
 
@@ -661,18 +853,43 @@ def _by_rank(inputs: Inputs) -> list[str]:
     return sorted((lb for lb in inputs.labels if inputs.kind(lb) == "lora"), key=lambda lb: inputs.rank(lb) or 0)
 
 
+def _shares(inputs: Inputs, a: str, b: str) -> bool:
+    """Whether two subjects adapt at least one module in common."""
+    if a == b:
+        return False
+    if inputs.model(a) != inputs.model(b) and inputs.model(a) is not None and inputs.model(b) is not None:
+        return False           # runs of different models share no module
+    return not set(inputs.updates(a)).isdisjoint(inputs.updates(b))
+
+
+def _with_partner(inputs: Inputs) -> list[str]:
+    return [a for a in inputs.labels if any(_shares(inputs, a, b) for b in inputs.labels)]
+
+
 def _default_first(inputs: Inputs, chosen: dict) -> str:
-    # the paper compares r=8 with r=64: the highest rank first
-    ranked = _by_rank(inputs)
-    return ranked[-1] if ranked else inputs.labels[0]
+    # the paper compares r=8 with r=64: the highest rank first, among runs that share a module with another
+    paired = _with_partner(inputs)
+    ranked = [lb for lb in _by_rank(inputs) if lb in paired]
+    return ranked[-1] if ranked else (paired or inputs.labels)[0]
 
 
 def _default_second(inputs: Inputs, chosen: dict) -> str:
-    # the next highest rank of the same model: runs of different models share no module
+    # the next highest rank that shares modules with the first: runs of different models, or of disjoint
+    # target sets, have nothing to compare
     first = chosen["first"]
+    sharing = [lb for lb in inputs.labels if _shares(inputs, first, lb)]
+    ranked = [lb for lb in reversed(_by_rank(inputs)) if lb in sharing]
     same = [lb for lb in inputs.labels if lb != first and inputs.model(lb) == inputs.model(first)]
-    ranked = [lb for lb in reversed(_by_rank(inputs)) if lb in same]
-    return (ranked or same or [lb for lb in inputs.labels if lb != first] or [first])[0]
+    return (ranked or sharing or same or [lb for lb in inputs.labels if lb != first] or [first])[0]
+
+
+def _similarity_applies(inputs: Inputs) -> str | None:
+    if len(inputs.labels) < 2:
+        return "it compares two runs: choose at least two"
+    if not _with_partner(inputs):
+        return ("no two of the chosen runs adapt a module in common (different models or target sets), so no "
+                "direction can be compared")
+    return None
 
 
 def _sides(inputs: Inputs, chosen: dict) -> list[str]:
@@ -699,6 +916,10 @@ def _similarity(inputs: Inputs, p: dict) -> Similarity:
     return Similarity(results, similarity.similarity_summary_frame(results))
 
 
+SIMILARITY_READING = ("φ(i, j) for the top-i directions of the first run (rows) against the top-j of the second "
+                      "(columns): 1 (bright) when one lies inside the other, about max(i, j)/d for random directions.")
+
+
 def _similarity_figures(v: Similarity, p: dict) -> list[go.Figure]:
     r = v.results[p["module"]]
     return [plots.plot_similarity_heatmap(r.phi, r.d, title=f"Subspace similarity φ(i, j): {p['module']}, "
@@ -713,6 +934,8 @@ SIMILARITY = Analysis(
              "(Hu et al. 2021, Eq. 4).",
     compute=_similarity, figures=_similarity_figures,
     tables=lambda v, p: [(f"φ summary, {p['first']} versus {p['second']}", v.summary)],
+    answers="learned", answer=lambda v, p: answers.similarity_answer(v.summary, p["first"], p["second"], p["side"]),
+    readings=lambda v, p: [SIMILARITY_READING],
     params=(Param("first", _default_first, "first run (default: the highest LoRA rank)", "First run",
                   options=_labels),
             Param("second", _default_second, "second run (default: the next highest rank of the same model)",
@@ -720,7 +943,7 @@ SIMILARITY = Analysis(
             Param("side", _first(_sides), "which directions are compared", "Directions", options=_sides,
                   names=SIDES),
             Param("module", _first(_shared_modules), "module of the heatmap", "Module", options=_shared_modules)),
-    applies=lambda inputs: None if len(inputs.labels) >= 2 else "it compares two runs: choose at least two")
+    applies=_similarity_applies)
 
 
 # ---- ΔW versus W0 ---------------------------------------------------------------------------------------------
@@ -735,6 +958,8 @@ BASE_OVERLAP = Analysis(
     compute=lambda inputs, p: similarity.base_overlap(inputs.updates(p["run"])[p["module"]]),
     figures=lambda v, p: [plots.plot_base_overlap(v, title=f"How much ΔW's top directions lie in W0's: "
                                                             f"{p['module']}")],
+    readings=lambda v, p: ["φ between ΔW's top-k directions and W0's top-k, per k, output and input side, with "
+                           "the random baseline k/d: near the baseline, ΔW works in directions W0 does not emphasise."],
     params=(Param("run", _first(_with_w0), "run compared with its base weights", "Run", options=_with_w0),
             Param("module", _first(_run_modules), "module compared", "Module", options=_run_modules)),
     applies=_needs_w0("ΔW versus W0"), each="run")
@@ -745,6 +970,11 @@ AMPLIFICATION = Analysis(
              "(Hu et al. 2021, §7.3: about 21.5 at r=4 for GPT-3's layer-48 Wq).",
     compute=lambda inputs, p: amplification.amplification_frame(inputs.updates(p["run"]), seed=p["seed"]),
     figures=lambda amp, p: [plots.plot_amplification(amp), plots.plot_amplification_table(amp)],
+    answers="learned", answer=lambda amp, p: answers.amplification_answer(amp),
+    readings=lambda amp, p: ["Amplification factor per module: above 1, ΔW is larger than what W0 holds along "
+                             "ΔW's own directions.",
+                             "The numbers behind it (Table 7's rows): ‖ΔW‖, ‖Uᵀ W0 V‖ and the same for random "
+                             "directions."],
     params=(Param("run", _first(_with_w0), "run compared with its base weights", "Run", options=_with_w0),
             Param("seed", 0, "seed of the random directions (Table 7's random row)", "Seed", low=0)),
     applies=_needs_w0("amplification"), each="run")
@@ -782,19 +1012,40 @@ def _intruders(inputs: Inputs, p: dict) -> Intruders:
 
 
 def _intruders_tables(v: Intruders, p: dict) -> list:
-    column = f"intruders at ε={p['epsilon']:g}, k={p['k']}"
-    totals = v.modules.groupby("label", as_index=False, sort=False)["intruders"].sum()
-    return [("Intruders per run", totals.rename(columns={"intruders": column})),
+    per_run, shared = answers.intruders_per_run(v.modules)
+    where = (f"on the {len(shared)} modules all runs adapt" if shared and per_run["label"].nunique() > 1
+             else "on each run's own modules")
+    per_run = per_run.rename(columns={"modules": "modules adapted", "compared": "modules compared",
+                                      "intruders": f"intruders at ε={p['epsilon']:g}, k={p['k']} ({where})",
+                                      "per_module": "intruders per module compared",
+                                      "all_modules_intruders": "intruders over all its modules"})
+    return [("Intruders per run, like with like", per_run),
             ("Intruders per module", v.modules.drop(columns=["intruder_indices"]))]
+
+
+def _intruders_figures(v: Intruders, p: dict) -> list[go.Figure]:
+    shared = answers.shared_modules(v.modules)
+    labels = v.modules["label"].nunique()
+    if shared and labels > 1:
+        sweep = v.sweep[v.sweep["name"].isin(shared)]
+        where = f"the {len(shared)} module{'s' * (len(shared) != 1)} all runs adapt"
+    else:
+        sweep, where = v.sweep, ("all its modules" if labels <= 1 else "each run's own modules (they share none)")
+    fig = plots.plot_intruders_vs_epsilon(sweep, p["k"], title=f"Intruder dimensions versus threshold ε, on {where}")
+    fig.update_yaxes(title=f"intruders among top-{p['k']} singular vectors ({where})")
+    return [fig]
 
 
 INTRUDERS = Analysis(
     name="intruders", title="Intruder dimensions", group="subspaces", page="subspaces",
     question="Does fine-tuning create new top singular directions unlike any of W0's? Top-k singular vectors of "
              "W0 + ΔW whose largest |cosine| with every singular vector of W0 is below ε (Shuttleworth et al. "
-             "2024); low-rank LoRA tends to create them, full fine-tuning rarely.",
-    compute=_intruders, tables=_intruders_tables,
-    figures=lambda v, p: [plots.plot_intruders_vs_epsilon(v.sweep, p["k"])],
+             "2024, who report them for low-rank LoRA and rarely for full fine-tuning; the answer says what "
+             "these runs show).",
+    compute=_intruders, tables=_intruders_tables, figures=_intruders_figures,
+    answers="learned", answer=lambda v, p: answers.intruders_answer(v.modules, p["k"], p["epsilon"]),
+    readings=lambda v, p: ["Intruder count against the threshold ε, one line per run, on the modules named in the "
+                           "title: a line that stays high at small ε has directions truly unlike W0's."],
     text=lambda v, p: (f"Skipped (no base weights W0): {', '.join(v.skipped)}." if v.skipped else ""),
     params=(Param("k", intruders.DEFAULT_K, "how many top singular vectors of W0 + ΔW are tested",
                   "k (top singular vectors checked)", low=1),
@@ -843,9 +1094,33 @@ def _merge(inputs: Inputs, p: dict) -> Merge:
     return Merge(check, latency, pd.DataFrame(rows), run_label(full) if full is not None else None)
 
 
+def _latency_figure(latency: pd.DataFrame) -> go.Figure:
+    """plot_latency with each bar's interquartile range as its error bar, and a ratio to the base written on
+    a bar only where it is beyond the measured spread ("≈ base" otherwise)."""
+    from .merge_check import latency_verdicts
+
+    fig = plots.plot_latency(latency)
+    if not {"q1_ms", "q3_ms"} <= set(latency.columns):
+        return fig
+    verdicts = latency_verdicts(latency)
+    for trace in fig.data:
+        part = latency[latency["variant"] == trace.name]
+        trace.error_y = {"type": "data", "symmetric": False, "array": list(part["q3_ms"] - part["median_ms"]),
+                         "arrayminus": list(part["median_ms"] - part["q1_ms"])}
+        if trace.name == "base":
+            trace.text = ["" for _ in range(len(part))]
+            continue
+        texts = []
+        for device, relative in zip(part["device"], part["relative"]):
+            row = verdicts[(verdicts["device"] == device) & (verdicts["variant"] == trace.name)]
+            texts.append(f"{relative:.2f}×" if len(row) and bool(row["measurable"].iloc[0]) else "≈ base")
+        trace.text = texts
+    return fig
+
+
 def _merge_figures(v: Merge, p: dict) -> list[go.Figure]:
     metric = "val_accuracy" if "val_accuracy" in v.task.columns else "val_perplexity"
-    return [plots.plot_merge_errors(v.check.errors, p["reference"]), plots.plot_latency(v.latency),
+    return [plots.plot_merge_errors(v.check.errors, p["reference"]), _latency_figure(v.latency),
             training_plots.plot_task_metrics(v.task, metric)]
 
 
@@ -858,11 +1133,21 @@ def _merge_text(v: Merge, p: dict) -> str:
     return f"{verdict}{skipped}{full}"
 
 
+MERGE_READINGS = (
+    "Largest output change per setup and merge variant (log scale), against the reference chosen; PEFT's merge "
+    "tests accept about 1e-4 in float32.",
+    "Median forward time per variant, the whiskers its interquartile range; a ratio to the base is written only "
+    "where the ranges do not overlap (\"≈ base\" otherwise).",
+    "The task metric of the frozen base, LoRA unmerged and merged, and full fine-tuning on held-out data.")
+
+
 MERGE = Analysis(
     name="merge", title="Merge equivalence", group="merge", page="merge",
     question="Is the merged model the same model? Output drift of merging per dtype, the unmerge round trip, "
              "forward latency, and the task metric of base, LoRA and full fine-tuning.",
-    compute=_merge, figures=_merge_figures, text=_merge_text,
+    compute=_merge, figures=_merge_figures, text=_merge_text, answers="merge",
+    answer=lambda v, p: answers.merge_answer(v.check.errors, v.latency, v.check.skipped),
+    readings=lambda v, p: list(MERGE_READINGS),
     tables=lambda v, p: [("Setups checked: base weights · LoRA factors, and who runs each", v.check.setups),
                          ("Merge errors", v.check.errors), ("Unmerge round trip", v.check.roundtrip),
                          ("Parameters before and after merge_and_unload", v.check.params), ("Task metric", v.task)],

@@ -265,23 +265,42 @@ def spectrum_metrics(singular_values, shape: tuple[int, int] | None = None, dtyp
     }
 
 
+def base_norm(update: ModuleUpdate) -> float:
+    """‖W0‖_F in float64 (nan when the update has no W0)."""
+    if update.w0 is None:
+        return float("nan")
+    return float(torch.linalg.vector_norm(update.w0.detach().to("cpu", torch.float64)))
+
+
 def module_spectrum_row(update: ModuleUpdate, spectrum: Spectrum | None = None) -> dict:
     """One row of :func:`spectra_frame` for ``update`` (pass ``spectrum`` if already computed)."""
     spectrum = update_spectrum(update) if spectrum is None else spectrum
     out_f, in_f = update.shape
+    metrics = spectrum_metrics(spectrum.S, (out_f, in_f), update_dtype(update))
+    w0 = base_norm(update)
+    relative = (metrics["fro_norm"] / w0 if w0 > 0 else float("inf")) if math.isfinite(w0) else float("nan")
     return {"name": update.name, "kind": update.kind, "out_features": out_f, "in_features": in_f,
-            "shape": [out_f, in_f], "rank": update.rank, "scaling": update.scaling,
-            **spectrum_metrics(spectrum.S, (out_f, in_f), update_dtype(update))}
+            "shape": [out_f, in_f], "rank": update.rank, "scaling": update.scaling, **metrics,
+            "w0_norm": w0, "relative_norm": relative}
 
 
 SPECTRA_COLUMNS = ["name", "kind", "out_features", "in_features", "shape", "rank", "scaling", "fro_norm",
                    "spectral_norm", "stable_rank", "effective_rank", "rank_90", "rank_99", "numerical_rank",
-                   "normalized_spectrum", "singular_values"]
+                   "normalized_spectrum", "singular_values", "w0_norm", "relative_norm"]
 
 
 def spectra_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) -> pd.DataFrame:
     """One row per module: name, kind ("lora"/"full"), out_features, in_features, shape [out, in], rank
-    (None for full fine-tuning), scaling, the :func:`spectrum_metrics` numbers, and
-    ``singular_values`` of the scaled ΔW (a list, descending)."""
+    (None for full fine-tuning), scaling, the :func:`spectrum_metrics` numbers, ``singular_values`` of the
+    scaled ΔW (a list, descending), ``w0_norm`` = ‖W0‖_F and ``relative_norm`` = ‖ΔW‖_F / ‖W0‖_F (both nan
+    when the update has no W0; the papers' settings give about 0.1). Over all modules together:
+    :func:`relative_norm_total`."""
     rows = [module_spectrum_row(u) for u in as_update_list(updates)]
     return pd.DataFrame(rows, columns=SPECTRA_COLUMNS)
+
+
+def relative_norm_total(frame: pd.DataFrame) -> float:
+    """‖ΔW‖_F / ‖W0‖_F over all modules of a :func:`spectra_frame`: √Σ‖ΔW‖²_F / √Σ‖W0‖²_F (nan without W0)."""
+    from .answers import relative_norm_total as total
+
+    return total(frame)

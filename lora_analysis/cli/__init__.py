@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                            "adapter's ΔW"),
     "similarity": ("spectra", "subspace similarity φ between two adapters (LoRA paper Eq. 4)"),
     "report": ("report", "write a self-contained HTML report of runs"),
+    "findings": ("findings", "check published LoRA findings (Hu et al., Biderman et al., Shuttleworth et al.) "
+                             "on runs"),
     "dashboard": ("dashboard", "start the Streamlit dashboard (on this machine only, unless --expose)"),
 }
 
@@ -38,8 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXAMPLES = {
     "train": """\
 examples:
-  %(prog)s --model mlp-digits --rank 4 --alpha 16
-      LoRA at rank 4 on the built-in digits MLP (seconds on a CPU); the run lands in the run store
+  %(prog)s --model mlp-digits --rank 8 --alpha 16 --name r8
+      LoRA at rank 8 on the built-in digits MLP (seconds on a CPU); the run lands in the run store, and
+      later commands name it r8 (lora-analysis spectra r8, runs show r8)
   %(prog)s --model mlp-digits --method full --steps 300 --name full-ft
       full fine-tuning of the same base, for comparison
   %(prog)s --model tiny-gpt --rank 8 --targets q_proj,k_proj,v_proj --json
@@ -48,8 +51,10 @@ examples:
 examples:
   %(prog)s list
       one line per run in the run store (the default action)
-  %(prog)s show 20260130-1201
-      a run's record and metrics (an id or a unique prefix of one)
+  %(prog)s show r8
+      a run's record, metrics and where its files are (adapter, base weights); by name, id or id prefix
+  %(prog)s list --runs-dir shared/runs
+      the runs of another run store (what sweep --out shared/runs wrote)
   %(prog)s export 20260130-1201 --to shared/
       write the run as one zip to share; the recipient runs: %(prog)s import shared/RUN_ID.zip
   %(prog)s delete 20260130-1201""",
@@ -84,6 +89,74 @@ def _prog() -> str:
     """``lora-analysis`` for the console script, ``python -m lora_analysis`` for the module."""
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return "python -m lora_analysis" if argv0 in ("__main__.py", "-m", "-c", "") else "lora-analysis"
+
+
+# ---- the run store, the same option on every command that reads or writes it ---------------------------
+
+RUNS_DIR_HELP = ("run store folder (default: $LORA_ANALYSIS_HOME/runs, else the user data folder's runs/, "
+                 "now {default}); --out is the same option")
+
+
+def default_runs_root() -> Path:
+    """The run store a command uses without ``--runs-dir`` (``runstore.runs_root(None)``, without importing
+    the store, which needs torch)."""
+    from ..paths import home_dir
+    return home_dir() / "runs"
+
+
+def add_runs_dir(parser: argparse.ArgumentParser, dest: str = "runs_dir", alias: bool = True) -> None:
+    """``--runs-dir DIR`` (alias ``--out``): every command that reads or writes runs takes it, same name,
+    same meaning. ``alias=False`` where ``--out`` would read as the command's own output (``runs export``)."""
+    text = RUNS_DIR_HELP.format(default=str(default_runs_root()).replace("%", "%%"))
+    parser.add_argument("--runs-dir", *(["--out"] if alias else []), dest=dest, default=None, metavar="DIR",
+                        help=text if alias else text.split("; --out")[0])
+
+
+def _shell_word(text: str) -> str:
+    import shlex
+    return shlex.quote(text)
+
+
+def elsewhere_note(runs_dir: str | os.PathLike | None, what: str = "the runs") -> str | None:
+    """When ``runs_dir`` is a run store other than the default one, the command lines that read it (a
+    command without ``--runs-dir`` reads the default store and would not see these runs); else None."""
+    if not runs_dir:
+        return None
+    store, default = Path(runs_dir).expanduser(), default_runs_root()
+    try:
+        if store.resolve() == default.resolve():
+            return None
+    except OSError:
+        pass
+    prog, where = _prog(), _shell_word(str(runs_dir))
+    verb, them = ("are", "them") if what.endswith("s") else ("is", "it")
+    lines = [f"{what} {verb} in {runs_dir}, not in the default run store ({default}); read {them} with:",
+             f"  {prog} runs list --runs-dir {where}",
+             f"  {prog} report --runs-dir {where} --html report.html"]
+    if store.name == "runs":      # the dashboard reads <LORA_ANALYSIS_HOME>/runs (and keeps its jobs there)
+        lines.append(f"  LORA_ANALYSIS_HOME={_shell_word(str(store.parent.resolve()))} {prog} dashboard")
+    return "\n".join(lines)
+
+
+def store_hint(runs_dir: str | os.PathLike | None) -> str:
+    """For a message saying the default run store lacks something: where else runs are (``./runs`` holding
+    runs, the usual ``--out`` of the README's older examples), as a sentence to append; else ``""``."""
+    if runs_dir:
+        return ""
+    here = Path("runs")
+    try:
+        if here.resolve() == default_runs_root().resolve() or not here.is_dir():
+            return ""
+        count = sum(1 for d in here.iterdir() if (d / "run.json").is_file())
+    except OSError:
+        return ""
+    return (f" ({here.resolve()} holds {plural(count, 'run')}: add --runs-dir runs to read "
+            f"{'them' if count > 1 else 'it'})" if count else "")
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _chosen(argv: list[str]) -> str | None:

@@ -37,8 +37,6 @@ STREAMLIT_OPTIONS: dict[str, object] = {
     "server.enableCORS": True,
     "server.allowedHosts": LOCAL_HOSTS,
     "server.maxUploadSize": 200,
-    "theme.primaryColor": "#1f77b4",
-    "theme.base": "light",
     "client.toolbarMode": "minimal",
     "browser.gatherUsageStats": False,
 }

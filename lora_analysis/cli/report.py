@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from . import help_for
+from . import add_runs_dir, help_for, store_hint
 
 EXAMPLES = """\
 examples:
   %(prog)s --html report.html
       every analysis of the newest sweep in the run store, one offline HTML file
-  %(prog)s 20260130-1201 20260130-1207 --parts training,spectra --html two-runs.html
-      two runs (ids or unique prefixes), training curves and spectra only
+  %(prog)s r8 r32 --parts training,spectra --html two-runs.html
+      two runs (names, ids or unique id prefixes), training curves and spectra only
   %(prog)s --runs-dir shared/runs --title "rank sweep, digits" --html sweep.html
       the newest sweep of another run store, with a title"""
 
@@ -30,12 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write one HTML file (plotly.js inlined, works offline) with every registered "
                                    "analysis of the chosen runs (training curves, spectra, subspaces, merge, "
                                    "...), at the dashboard's defaults.")
-    p.add_argument("runs", nargs="*", help="run ids (or unique id prefixes); default: the newest sweep")
+    p.add_argument("runs", nargs="*", help="runs: ids, unique id prefixes, names or run folders; default: the "
+                                           "newest sweep")
     p.add_argument("--html", required=True, help="where to write the report")
     p.add_argument("--parts", default=None,
                    help="comma-separated analyses or groups (default: all). Groups: "
                         f"{', '.join(ANALYSES.groups())}; analyses: {', '.join(ANALYSES.names())}")
-    p.add_argument("--runs-dir", default=None, help="run store folder (default $LORA_ANALYSIS_HOME/runs)")
+    add_runs_dir(p)
     p.add_argument("--title", default="lora-analysis report",
                    help="the report's title (default: lora-analysis report)")
     p.set_defaults(func=run)
@@ -45,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from .. import runstore
     from ..report import write_report
     from ..run_report import report_sections, run_configs
+    from .subjects import find_run
 
     if args.runs:
-        runs = [runstore.load_run(r, args.runs_dir) for r in args.runs]
+        runs = [find_run(r, args.runs_dir) for r in args.runs]
     else:
         runs = runstore.latest_sweep(runstore.list_runs(args.runs_dir))
     if not runs:
-        raise ValueError(f"the run store {runstore.runs_root(args.runs_dir)} has no completed runs")
+        raise ValueError(f"the run store {runstore.runs_root(args.runs_dir)} has no completed runs"
+                         f"{store_hint(args.runs_dir)}")
     parts = None if args.parts is None else [p.strip() for p in args.parts.split(",") if p.strip()]
     if parts == []:
         raise ValueError("--parts is empty: name analyses or groups, or leave it out for all")

@@ -1,7 +1,10 @@
 """``python -m lora_analysis spectra`` and ``similarity``: what an adapter learned, from its files alone.
 
-    spectra ADAPTER_DIR [--base MODEL_OR_WEIGHTS] [--json] [--html report.html]
-    similarity ADAPTER_A ADAPTER_B [--side A|input|output] [--json]
+    spectra RUN_OR_ADAPTER [--base MODEL_OR_WEIGHTS] [--json] [--html report.html] [--runs-dir DIR]
+    similarity RUN_OR_ADAPTER RUN_OR_ADAPTER [--side A|input|output] [--json] [--runs-dir DIR]
+
+RUN_OR_ADAPTER: a run of the run store (id, unique id prefix, name, or its folder) or a PEFT adapter folder
+(:mod:`.subjects`). A run brings its own base weights when it kept them (the built-in models do).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import sys
 
 import pandas as pd
 
-from . import help_for
+from . import add_runs_dir, default_runs_root, help_for
 from ..analysis import registry
 from ..analysis.similarity import adapter_similarity, similarity_summary_frame
 from ..analysis.sources import load_updates
+from .subjects import Subject, load_subject_updates, resolve
 
 NEEDS_BASE = ("amplification and intruder dimensions were skipped: both compare ΔW with the base weights W0, "
               "which an adapter does not contain; pass --base MODEL_DIR_OR_WEIGHTS.safetensors to include them")
@@ -30,30 +34,45 @@ TABLE_COLUMNS = ["name", "out_features", "in_features", "rank", "scaling", "fro_
 
 SPECTRA_EXAMPLES = """\
 examples:
-  %(prog)s path/to/adapter
-      per-module singular values, norms and ranks of ΔW, from the adapter's two files alone
-  %(prog)s path/to/adapter --base path/to/base-model --html spectra.html
-      also amplification and intruder dimensions against the base weights W0, and an offline HTML report
-  %(prog)s ~/.local/share/lora-analysis/runs/RUN_ID/adapter --json
-      a run of the run store, as one JSON object (lora-analysis runs show RUN_ID prints its folder)"""
+  %(prog)s r8
+      a run of the run store, by name (train --name r8), id or unique id prefix: per-module singular
+      values, norms and ranks of ΔW; with the run's own base weights W0 (the built-in models keep them)
+      also amplification and intruder dimensions
+  %(prog)s r8 --html spectra.html
+      the same, plus an offline HTML report
+  %(prog)s path/to/adapter --base path/to/base-model --json
+      any PEFT adapter folder (adapter_config.json + adapter_model.safetensors), with the base model's
+      folder or a .safetensors file of W0, as one JSON object
+where runs keep their files (lora-analysis runs show RUN prints them):
+  {root}/RUN_ID/adapter                    the LoRA adapter, PEFT format
+  {root}/RUN_ID/base_weights.safetensors   W0 of the adapted modules (small models)
+  {root}/RUN_ID/full_weights.safetensors   W_ft of a full fine-tuning run"""
 SIMILARITY_EXAMPLES = """\
 examples:
-  %(prog)s runs/rank8/adapter runs/rank64/adapter
-      how much of rank 8's top directions rank 64 also learned (the LoRA paper's Figure 3)
-  %(prog)s adapter_seed0 adapter_seed1 --side output --json
-      two seeds of one setting, compared by ΔW's output directions, as JSON"""
+  %(prog)s r8 r32
+      how much of rank 8's top directions rank 32 also learned (the LoRA paper's Figure 3); runs by name,
+      id or id prefix
+  %(prog)s path/to/adapter_seed0 path/to/adapter_seed1 --side output --json
+      two PEFT adapter folders, compared by ΔW's output directions, as JSON"""
+
+RUN_OR_ADAPTER = ("a run of the run store (its id, a unique id prefix, its name or its folder) or a PEFT adapter "
+                  "folder (adapter_config.json + adapter_model.safetensors)")
+
+
+def _examples(text: str) -> str:
+    return text.replace("{root}", str(default_runs_root()).replace("%", "%%"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("spectra", help=help_for("spectra"), epilog=SPECTRA_EXAMPLES,
+    p = sub.add_parser("spectra", help=help_for("spectra"), epilog=_examples(SPECTRA_EXAMPLES),
                        description="Analyse a PEFT LoRA adapter directory: the singular spectrum of ΔW = s·B·A per "
                                    "module (computed factored, never dense), norms, stable/effective rank, "
                                    "rank for 90/99 percent energy; with --base also amplification (LoRA paper "
                                    "Table 7) and intruder dimensions.")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("adapter", metavar="RUN_OR_ADAPTER", help=RUN_OR_ADAPTER)
     p.add_argument("--base", default=None,
                    help="base weights: a .safetensors file (keys <module>.weight) or a Hugging Face model "
-                        "directory / hub id")
+                        "directory / hub id (default for a run: the base weights it kept, if any)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--html", default=None, metavar="REPORT.html",
                    help="also write a self-contained HTML report (works offline)")
@@ -63,16 +82,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="where W0's SVDs run (default auto: a GPU when present); each module's base SVD is "
                         "cached on disk, so a second adapter on the same base skips it")
+    add_runs_dir(p)
     p.set_defaults(func=run_spectra)
 
-    s = sub.add_parser("similarity", help=help_for("similarity"), epilog=SIMILARITY_EXAMPLES,
+    s = sub.add_parser("similarity", help=help_for("similarity"), epilog=_examples(SIMILARITY_EXAMPLES),
                        description="φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j) per module both adapters share. "
                                    "Side A (default, as in the paper): right-singular vectors of the A matrices; "
                                    "input / output: ΔW's right / left singular vectors.")
-    s.add_argument("adapter_a", help="first adapter directory")
-    s.add_argument("adapter_b", help="second adapter directory")
+    s.add_argument("adapter_a", metavar="FIRST", help=f"the first: {RUN_OR_ADAPTER}")
+    s.add_argument("adapter_b", metavar="SECOND", help="the second, the same way")
     s.add_argument("--side", choices=("A", "input", "output"), default="A", help="which directions (default A)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_runs_dir(s)
     s.set_defaults(func=run_similarity)
 
 
@@ -90,46 +111,75 @@ def _records(frame: pd.DataFrame, columns: list[str] | None = None) -> list[dict
     return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
+def _base_for(subject: Subject, args: argparse.Namespace):
+    """The base weights to compare with: ``--base`` when given, else the run's own W0 file, else None."""
+    if args.base is not None:
+        return args.base
+    return None if subject.base_weights is None else str(subject.base_weights)
+
+
 def run_spectra(args: argparse.Namespace) -> int:
-    adapter, updates = load_updates(args.adapter)      # the factors only: W0 is streamed module by module below
-    inputs = registry.Inputs.from_updates({str(args.adapter): updates})
+    subject = resolve(args.adapter, args.runs_dir)
+    base_spec = _base_for(subject, args)
+    amp = intr = norms = source = None
+    label = subject.label
+    if subject.adapter is not None:     # LoRA: the factors only; W0 is streamed module by module below
+        adapter, updates = load_updates(subject.adapter)
+        count = len(adapter.modules)
+    else:                                # a full fine-tuning run: ΔW = W_ft − W0, W0 needed to form it
+        adapter, updates = None, load_subject_updates(subject, args.base)
+        count = len(updates)
+    inputs = registry.Inputs.from_updates({label: updates})
     results = [SPECTRA.run(inputs)]
     frame = results[0].value
-    amp = intr = norms = source = None
-    if args.base is not None:
+    if base_spec is not None or adapter is None:
         from ..analysis.against_base import analyse_against_base
         from ..analysis.sources import iter_updates, open_base
 
-        source = open_base(args.base)
-        base = analyse_against_base(iter_updates(adapter, source), k=args.k, epsilon=args.epsilon,
-                                    device=args.device, progress=sys.stderr.isatty(), total=len(adapter.modules))
+        if adapter is not None:
+            source = open_base(base_spec)
+            stream = iter_updates(adapter, source)
+        else:
+            stream = updates
+        base = analyse_against_base(stream, k=args.k, epsilon=args.epsilon, device=args.device,
+                                    progress=sys.stderr.isatty(), total=count)
         amp, intr, norms = base.amplification, base.intruders, base.norms
         if args.html:     # the report's sections come from the registry, which holds every W0 at once
-            _, with_w0 = load_updates(args.adapter, source)
-            full = registry.Inputs.from_updates({str(args.adapter): with_w0})
+            with_w0 = load_updates(subject.adapter, source)[1] if adapter is not None else updates
+            full = registry.Inputs.from_updates({label: with_w0})
             results += [AMPLIFICATION.run(full), INTRUDERS.run(full, k=args.k, epsilon=args.epsilon)]
+    base_read = (None if base_spec is None and adapter is not None else
+                 f"the run's own base weights: file {subject.base_weights}" if args.base is None else
+                 source.describe() if source is not None else str(args.base))
+    needs_base = NEEDS_BASE + _recorded_base_hint(subject)
     if args.html:
-        _write_html(args, results)
+        _write_html(args, label, base_spec, results, needs_base)
     if args.json:
-        out = {"adapter": str(adapter.path), "base": args.base, "modules": _records(frame, JSON_COLUMNS),
-               "base_read": None if source is None else source.describe(),
+        out = {"adapter": None if adapter is None else str(adapter.path), "base": base_spec,
+               "run": None if subject.run is None else subject.run.id,
+               "modules": _records(frame, JSON_COLUMNS), "base_read": base_read,
                "base_revision": None if source is None else source.revision,
                "relative_norms": None if norms is None else _records(norms),
                "amplification": None if amp is None else _records(amp),
                "intruders": None if intr is None else {"k": args.k, "epsilon": args.epsilon,
                                                        "total": int(intr["intruders"].sum()),
                                                        "modules": _records(intr)},
-               "skipped": {} if amp is not None else {"amplification": NEEDS_BASE, "intruders": NEEDS_BASE}}
+               "skipped": {} if amp is not None else {"amplification": needs_base, "intruders": needs_base}}
         if amp is None:
-            print(NEEDS_BASE, file=sys.stderr)   # stdout holds exactly one JSON object
+            print(needs_base, file=sys.stderr)   # stdout holds exactly one JSON object
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{adapter.path}: {len(frame)} adapted modules, ΔW = scaling·B·A (spectra computed factored)")
+    if subject.run is not None:
+        print(subject.describe())
+    what = "ΔW = scaling·B·A (spectra computed factored)" if adapter is not None else "ΔW = W_ft − W0"
+    print(f"{adapter.path if adapter is not None else label}: {len(frame)} "
+          f"{'adapted modules' if adapter is not None else 'fine-tuned modules'}, {what}")
     print(frame[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if amp is None:
-        print(f"\n{NEEDS_BASE}")
+        print(f"\n{needs_base}")
     else:
-        print("\nAmplification (LoRA paper Table 7): ‖ΔW‖_F / ‖UᵀW0V‖_F, U, V = ΔW's top-r singular vectors")
+        print(f"\nW0 read from {base_read}")
+        print("Amplification (LoRA paper Table 7): ‖ΔW‖_F / ‖UᵀW0V‖_F, U, V = ΔW's top-r singular vectors")
         print(amp.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print(f"\nIntruder dimensions (top-{args.k} left singular vectors of W0+ΔW with max |cos| < {args.epsilon} "
               f"against W0's): {int(intr['intruders'].sum())} in total")
@@ -139,24 +189,40 @@ def run_spectra(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_html(args: argparse.Namespace, results: list) -> None:
+def _recorded_base_hint(subject: Subject) -> str:
+    """For a run that kept no W0: the base model it names, as the --base to pass."""
+    if subject.run is None:
+        return ""
+    from .. import runstore
+    base = runstore.recorded_base(subject.run)
+    return f" (this run's base model: --base {base})" if base else ""
+
+
+def _write_html(args: argparse.Namespace, label: str, base, results: list, needs_base: str) -> None:
     from ..report import Section, write_report
 
     sections = [r.section() for r in results]
     if len(results) == 1:
-        sections.append(Section("Amplification and intruder dimensions", NEEDS_BASE))
-    write_report(args.html, f"LoRA spectra: {args.adapter}", sections,
-                 configs={"adapter": str(args.adapter), "base": args.base,
+        sections.append(Section("Amplification and intruder dimensions", needs_base))
+    write_report(args.html, f"LoRA spectra: {label}", sections,
+                 configs={"adapter": str(args.adapter), "base": base,
                           "analyses": {r.name: r.params for r in results}})
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    _, first = load_updates(args.adapter_a)
-    _, second = load_updates(args.adapter_b)
+    subjects = [resolve(text, args.runs_dir) for text in (args.adapter_a, args.adapter_b)]
+    if args.side == "A":
+        for subject in subjects:
+            if subject.adapter is None:
+                raise ValueError(f"{subject.text!r} is a full fine-tuning run: it has no LoRA A matrix to compare "
+                                 "(side A); compare ΔW's directions with --side input or --side output")
+    first, second = (load_updates(s.adapter)[1] if s.adapter is not None else load_subject_updates(s)
+                     for s in subjects)
     results = adapter_similarity(first, second, side=args.side)
     summary = similarity_summary_frame(results)
     if args.json:
         out = {"adapter_a": args.adapter_a, "adapter_b": args.adapter_b, "side": args.side,
+               "sources": [s.describe() for s in subjects],
                "modules": {name: {"phi": r.phi.tolist(), "d": r.d, **{k: _clean(v) for k, v in r.summary().items()
                                                                       if k not in ("name",)}}
                            for name, r in results.items()},
@@ -165,6 +231,9 @@ def run_similarity(args: argparse.Namespace) -> int:
                            "baseline_mean": float(summary["baseline_mean"].mean())}}
         print(json.dumps(out, indent=2))
         return 0
+    for s in subjects:
+        if s.run is not None:
+            print(s.describe())
     print(f"φ between {args.adapter_a} and {args.adapter_b} (side {args.side}); random subspaces give "
           "about max(i, j)/d")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

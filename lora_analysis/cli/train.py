@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .. import runstore
+from . import add_runs_dir, elsewhere_note, store_hint
 
 
 # ---- options generated from the settings' fields ------------------------------------------------------
@@ -75,8 +77,7 @@ def config_from_args(cls: type, args: argparse.Namespace):
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
-    o.add_argument("--runs-dir", "--out", dest="runs_dir", default=None,
-                   help="run store folder (default $LORA_ANALYSIS_HOME/runs or the user data folder)")
+    add_runs_dir(o)
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -119,21 +120,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("runs", help="list, show, delete, export or import runs of the run store",
                        description="Manage the run store.")
-    r.add_argument("--runs-dir", dest="runs_dir", default=None, help="run store folder")
+    add_runs_dir(r)
     rsub = r.add_subparsers(dest="action", metavar="ACTION")
     ls = rsub.add_parser("list", help="one line per run (the default)")
     ls.add_argument("--json", action="store_true")
-    show = rsub.add_parser("show", help="a run's record and metrics")
-    show.add_argument("run", help="run id (or a unique prefix)")
+    show = rsub.add_parser("show", help="a run's record, metrics and the paths of its files (adapter, base "
+                                        "weights)")
+    show.add_argument("run", help="run id, a unique id prefix, or the run's name (the newest of that name)")
     rm = rsub.add_parser("delete", help="delete a run")
-    rm.add_argument("run")
+    rm.add_argument("run", help="run id or a unique id prefix")
     ex = rsub.add_parser("export", help="write a run as one zip")
-    ex.add_argument("run")
+    ex.add_argument("run", help="run id, a unique id prefix, or the run's name")
     ex.add_argument("--to", default=None, help="zip file or folder (default ./<id>.zip)")
     im = rsub.add_parser("import", help="import a run zip")
     im.add_argument("bundle")
     for q in (ls, show, rm, ex, im):
-        q.add_argument("--runs-dir", dest="sub_runs_dir", default=None, help="run store folder")
+        add_runs_dir(q, dest="sub_runs_dir", alias=q is not ex)     # export's output is --to
     r.set_defaults(func=run_runs, action="list", json=False)
 
 
@@ -156,8 +158,9 @@ class _Bar:
         self.bar.close()
 
 
-def _prepare(args, config) -> object:
-    from ..training.trainer import task_for
+@contextlib.contextmanager
+def _pretrain_bar(args, config):
+    """A progress callback for pretraining the base (a bar on stderr, shown only if it takes a while)."""
     from tqdm import tqdm
     # delay: a cached base loads in well under a second and shows no bar at all
     bar = tqdm(desc=f"pretraining the {config.model} base (once; cached)", disable=args.quiet, file=sys.stderr,
@@ -167,10 +170,18 @@ def _prepare(args, config) -> object:
         bar.total = total
         bar.update(1)
         bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        if step >= total:
+            bar.close()                              # done: out of the way of the training bar
     try:
-        return task_for(config, progress=pretrain_progress)
+        yield pretrain_progress
     finally:
         bar.close()
+
+
+def _prepare(args, config) -> object:
+    from ..training.trainer import task_for
+    with _pretrain_bar(args, config) as pretrain_progress:
+        return task_for(config, progress=pretrain_progress)
 
 
 def _main_metric(metrics: dict) -> str:
@@ -181,10 +192,13 @@ def run_train(args: argparse.Namespace) -> int:
     from ..training import trainer
     config = config_from_args(trainer.TrainConfig, args)
     config.validate()
-    task = _prepare(args, config)
+    # train() claims the run folder before it loads (or pretrains) the base: a kill at any moment leaves an
+    # "interrupted" run, never an empty folder
     bar = _Bar(args.quiet)
     try:
-        result = trainer.train(config, task=task, runs_dir=args.runs_dir, progress=bar, name=args.name)
+        with _pretrain_bar(args, config) as pretrain_progress:
+            result = trainer.train(config, runs_dir=args.runs_dir, progress=bar, name=args.name,
+                                   pretrain_progress=pretrain_progress)
     finally:
         bar.close()
     m = result.metrics
@@ -204,7 +218,16 @@ def run_train(args: argparse.Namespace) -> int:
                   f"params+grads+optimizer {m.get('training_state_bytes', 0) / 2**20:.2f} MiB, "
                   f"peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB")
         print(f"  saved in {result.run_dir}")
+    _tell_where(args.runs_dir, "the run", args.json)
     return 0 if result.status == "completed" else 1
+
+
+def _tell_where(runs_dir, what: str, as_json: bool = False) -> None:
+    """After writing into a run store other than the default: the command lines that read it (on stderr
+    under --json, so stdout stays one JSON document)."""
+    note = elsewhere_note(runs_dir, what)
+    if note:
+        print(note, file=sys.stderr if as_json else sys.stdout)
 
 
 # ---- sweep --------------------------------------------------------------------------------------------
@@ -272,6 +295,7 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
             print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         for _, row in frame[frame["status"] != "completed"].iterrows():
             print(f"  {row['name']}: {row['status']}: {row.get('error')}")
+    _tell_where(args.runs_dir, "the runs", args.json)
     return 0 if (frame["status"] == "completed").all() else 1
 
 
@@ -286,7 +310,7 @@ def run_runs(args: argparse.Namespace) -> int:
             print(frame.to_json(orient="records", indent=2, date_format="iso"))
             return 0
         if not len(frame):
-            print(f"no runs in {runstore.runs_root(runs_dir)}")
+            print(f"no runs in {runstore.runs_root(runs_dir)}{store_hint(runs_dir)}")
             return 0
         metric_cols = [c for c in ("val_accuracy", "val_perplexity", "val_loss") if c in frame.columns]
         cols = ["id", "status", "name", *metric_cols[:2], "trainable_params"]
@@ -295,8 +319,10 @@ def run_runs(args: argparse.Namespace) -> int:
                                                                           float_format=lambda v: f"{v:.4g}"))
         return 0
     if action == "show":
-        run = runstore.load_run(args.run, runs_dir)
-        print(json.dumps({**run.record, "status": run.status, "dir": str(run.dir)}, indent=2, default=str))
+        from .subjects import find_run, run_files
+        run = find_run(args.run, runs_dir)
+        print(json.dumps({**run.record, "status": run.status, "dir": str(run.dir), "files": run_files(run)},
+                         indent=2, default=str))
         return 0
     if action == "delete":
         try:
@@ -307,11 +333,13 @@ def run_runs(args: argparse.Namespace) -> int:
         print(f"deleted run {run_id}")
         return 0
     if action == "export":
-        path = runstore.export_run(args.run, args.to, runs_dir)
+        from .subjects import find_run
+        path = runstore.export_run(find_run(args.run, runs_dir), args.to, runs_dir)
         print(f"exported to {path}")
         return 0
     if action == "import":
         run = runstore.import_run(args.bundle, runs_dir)
         print(f"imported run {run.id} into {run.dir.parent}")
+        _tell_where(runs_dir, "the run")
         return 0
     raise ValueError(f"unknown runs action {action!r}")  # pragma: no cover - argparse restricts it

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from .style import COLORS, apply_style
+from .style import COLORS, apply_style, byte_unit, fit_range, log_ticks, safe_label
 
 
 def plot_trainable_vs_rank(table: pd.DataFrame, title: str = "Trainable parameters versus rank") -> go.Figure:
@@ -24,8 +24,10 @@ def plot_trainable_vs_rank(table: pd.DataFrame, title: str = "Trainable paramete
     fig.add_trace(go.Scatter(x=table["rank"], y=[full] * len(table), mode="lines", name="full fine-tuning",
                              line={"color": COLORS["full"], "dash": "dash"},
                              hovertemplate="full fine-tuning: %{y:,}<extra></extra>"))
-    fig.update_xaxes(type="log", title="rank r", tickvals=list(table["rank"]))
-    fig.update_yaxes(type="log", title="trainable parameters")
+    fig.update_xaxes(type="log", title="rank r", tickvals=list(table["rank"]),
+                     ticktext=[f"{r:g}" for r in table["rank"]], range=fit_range(table["rank"], log=True))
+    fig.update_yaxes(type="log", title="trainable parameters",
+                     range=fit_range(list(table["trainable_params"]) + [full], log=True))
     return apply_style(fig, title)
 
 
@@ -34,8 +36,11 @@ def plot_percent_vs_rank(table: pd.DataFrame, title: str = "Trainable share of a
     fig = go.Figure(go.Scatter(x=table["rank"], y=table["trainable_percent"], mode="lines+markers",
                                line={"color": COLORS["lora"]}, name="LoRA",
                                hovertemplate="r=%{x}<br>%{y:.4f}%<extra></extra>"))
-    fig.update_xaxes(type="log", title="rank r", tickvals=list(table["rank"]))
-    fig.update_yaxes(type="log", title="trainable % of all parameters")
+    fig.update_xaxes(type="log", title="rank r", tickvals=list(table["rank"]),
+                     ticktext=[f"{r:g}" for r in table["rank"]], range=fit_range(table["rank"], log=True))
+    fig.update_yaxes(type="log", title="trainable % of all parameters",
+                     range=fit_range(table["trainable_percent"], log=True))
+    log_ticks(fig, "y", table["trainable_percent"])
     return apply_style(fig, title)
 
 
@@ -44,15 +49,19 @@ def plot_memory(table: pd.DataFrame, title: str = "Training memory (activations 
 
     ``table``: index = part (weights, gradients, optimizer states, fp32 master weights), columns full and
     lora, in bytes (``MemoryEstimate.table``).
+    The unit (KiB, MiB, GiB, TiB) is chosen from the larger total, so small models read "600 KiB", never
+    "0.00057 GiB".
     """
     fig = go.Figure()
     palette = ["#4c78a8", "#f58518", "#54a24b", "#b279a2"]
+    divisor, unit = byte_unit([table["full"].sum(), table["lora"].sum()])
     for color, (part, row) in zip(palette, table.iterrows()):
-        fig.add_trace(go.Bar(x=["full fine-tuning", "LoRA"], y=[row["full"] / 2**30, row["lora"] / 2**30],
-                             name=str(part), marker_color=color,
-                             hovertemplate=f"{part}: " + "%{y:.2f} GiB<extra></extra>"))
+        part = safe_label(part)
+        fig.add_trace(go.Bar(x=["full fine-tuning", "LoRA"], y=[row["full"] / divisor, row["lora"] / divisor],
+                             name=part, marker_color=color,
+                             hovertemplate=f"{part}: " + "%{y:.3g} " + unit + "<extra></extra>"))
     fig.update_layout(barmode="stack")
-    fig.update_yaxes(title="GiB")
+    fig.update_yaxes(title=unit, tickformat="~g")
     return apply_style(fig, title)
 
 

@@ -346,10 +346,14 @@ def _from_transformers(source: BaseSource, names: list[str], shapes: Shapes | No
     from ..lora.layer import weight_out_in
 
     spec = str(source.folder) if source.folder is not None else source.spec
+    if source.folder is not None:
+        from ..training.hf import check_no_pickle_only
+        check_no_pickle_only(source.folder)          # pickles are never loaded (unpickling can run code)
     model, errors = None, []
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):   # an encoder is no causal LM
         try:
-            model = auto.from_pretrained(spec, revision=None if source.kind != "hub" else source.revision)
+            model = auto.from_pretrained(spec, revision=None if source.kind != "hub" else source.revision,
+                                         use_safetensors=True)
             break
         except (OSError, ValueError) as exc:
             errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

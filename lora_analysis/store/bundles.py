@@ -230,6 +230,8 @@ def import_run(bundle: str | os.PathLike, runs_dir: str | os.PathLike | None = N
             _check_safetensors(staging, source)
             wanted = str(record.get("id") or "")
             claimed = run_id = _claim_id(root, wanted)
+            # the same run wherever it goes: the first id it had (an older record: the id it arrives with)
+            record["origin"] = record.get("origin") or record.get("imported_as_new_id_of") or wanted or run_id
             if run_id != wanted:
                 record["imported_as_new_id_of"] = wanted or None
             record.update(id=run_id, imported_from=source.name, imported=time.time())

@@ -1,8 +1,9 @@
 """Runs on disk: every training run is one directory that the analyses and the dashboard read.
 
     <runs root>/<run id>/
-        run.json                  config, seed, environment, status, error, final metrics, timestamps, and
-                                  the writer's identity (pid, its start time, host)
+        run.json                  config, seed, environment (what the numbers depend on: versions, threads,
+                                  BLAS, CPU, device), status, error, final metrics, timestamps, the writer's
+                                  identity (pid, its start time, host) and the run's origin (its first id)
         metrics.csv               one row per step: train_loss (+ val_* on evaluation steps); appended to
         adapter/                  LoRA runs: the adapter in PEFT format (adapter_config.json + safetensors)
         full_weights.safetensors  full fine-tuning runs: W_ft of every adaptable module, (out, in) float32
@@ -19,6 +20,11 @@ are a timestamp plus a random suffix, and a directory is claimed with an exclusi
 runs never share one. Only run folders directly inside the runs root are ever deleted. metrics.csv is read
 bounded (:data:`MAX_METRICS_READ_BYTES`: the header and the newest rows).
 
+A run keeps its ``origin`` (the id it was first given) through every export and import, so a re-imported
+copy, even under a new id, is recognised as the same run (:func:`unique_runs` keeps one per origin).
+Temporary files and folders that killed writers and imports left are removed when a process first lists
+the store or starts a run (:func:`clean_leftovers`).
+
 Reading a run never trains, downloads or rebuilds anything: :func:`load_updates` takes W0 from the run's
 own base_weights.safetensors, or from a ``base`` the caller names.
 """
@@ -30,15 +36,12 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import secrets
 import shutil
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +50,7 @@ import torch
 
 from ..paths import home_dir
 from ..weights import ModuleUpdate
+from .environment import environment
 from .files import append_text, atomic_save_tensors, atomic_write_text
 from .liveness import is_alive, on_this_host, process_identity
 
@@ -74,22 +78,6 @@ def runs_root(runs_dir: str | os.PathLike | None = None) -> Path:
     return Path(runs_dir).expanduser() if runs_dir else home_dir() / "runs"
 
 
-def environment(device: torch.device | str | None = None) -> dict:
-    """Versions and hardware a run used (recorded in run.json)."""
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "host": socket.gethostname(), "cpu_threads": torch.get_num_threads()}
-    try:  # the installed version, without importing transformers here
-        env["transformers"] = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        pass
-    if device is not None:
-        device = torch.device(device)
-        env["device"] = str(device)
-        if device.type == "cuda":
-            env["device_name"] = torch.cuda.get_device_name(device)
-    return env
-
-
 # ---- reading -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -115,6 +103,17 @@ class Run:
     @property
     def damaged(self) -> bool:
         return self.status == DAMAGED
+
+    @property
+    def origin(self) -> str:
+        """The id the run was first given, wherever it was made: an imported copy (even under a new id)
+        has the origin of the run it copies. Older records without it: the id they were imported as a new
+        id of, or their own id."""
+        return str(self.record.get("origin") or self.record.get("imported_as_new_id_of") or self.id)
+
+    @property
+    def imported(self) -> bool:
+        return self.record.get("imported") is not None
 
     @property
     def method(self) -> str:
@@ -201,6 +200,7 @@ class RunRecord:
     imported: float | None = None
     imported_from: str | None = None
     imported_as_new_id_of: str | None = None
+    origin: str | None = None          # the run's first id, kept by export and import: the same run anywhere
 
 
 # config keys the pages read, and their types (None is always allowed)
@@ -341,13 +341,19 @@ _TEMP_CLEANED: set[str] = set()
 
 def _stale_temp_files(root: Path) -> list[Path]:
     """Temporary files of :mod:`.files` (``.<name>.<pid>.<thread>.<hex>.tmp``) in the root, the run folders
-    and their sub-folders whose writing process is gone."""
-    found = []
-    for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp"):
+    and their sub-folders whose writing process is gone (or that are older than a day: a pid may have been
+    reused), and the Ray executor's probe files (``.ray-probe-*``) older than a day."""
+    found, old = [], time.time() - STALE_LEFTOVER_S
+    for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp", ".ray-probe-*"):
         for path in root.glob(pattern):
             match = _TMP_NAME.match(path.name)
-            if match and path.is_file() and not path.is_symlink() and not psutil.pid_exists(int(match["pid"])):
-                found.append(path)
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                if (match and not psutil.pid_exists(int(match["pid"]))) or path.stat().st_mtime < old:
+                    found.append(path)
+            except OSError:         # removed meanwhile
+                continue
     return found
 
 
@@ -372,6 +378,8 @@ def clean_leftovers(runs_dir: str | os.PathLike | None = None) -> list[Path]:
             if entry.is_dir() and _leftover_is_stale(entry):
                 _remove_tree(entry)
                 removed.append(entry)
+        except FileNotFoundError:   # another process (or thread) removed it first
+            continue
         except OSError as exc:      # e.g. a read-only shared store: reading it must still work
             warnings.warn(f"could not remove the leftover {entry}: {exc}", stacklevel=3)
     return removed
@@ -402,6 +410,23 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
     return runs
 
 
+def unique_runs(runs: list[Run]) -> list[Run]:
+    """One run per :attr:`Run.origin`, in the given order: a re-imported copy of a run is the same run.
+    The run made in this store wins over imports of it; among imports, the first imported."""
+    chosen: dict[str, Run] = {}
+    for run in runs:
+        kept = chosen.get(run.origin)
+        if kept is None or _preferred(run) < _preferred(kept):
+            chosen[run.origin] = run
+    keep = {id(r) for r in chosen.values()}
+    return [r for r in runs if id(r) in keep]
+
+
+def _preferred(run: Run) -> tuple:
+    imported = run.record.get("imported")
+    return (run.damaged, imported is not None, imported or 0.0, run.created, run.id)
+
+
 def latest_sweep(runs: list[Run]) -> list[Run]:
     """The completed runs of the newest sweep, or all completed runs when none belongs to a sweep."""
     done = [r for r in runs if r.status == "completed"]
@@ -418,7 +443,7 @@ def _row(run: Run) -> dict:
             "init": c.get("init"), "lr": c.get("lr"), "steps": c.get("steps"), "seed": c.get("seed"),
             "created": pd.Timestamp(run.created, unit="s") if run.created else pd.NaT,
             "duration_s": m.get("train_seconds"), **{k: v for k, v in m.items() if k not in ("scaling",)},
-            "error": run.error}
+            "error": run.error, "origin": run.origin}
 
 
 def _targets_label(targets) -> str | None:
@@ -429,11 +454,12 @@ def _targets_label(targets) -> str | None:
 
 def runs_frame(runs_dir: str | os.PathLike | None = None, runs: list[Run] | None = None) -> pd.DataFrame:
     """One row per run: id, name, status, model, method, rank, alpha, targets, lr, steps, seed, created,
-    and the final metrics (val_loss, val_accuracy or val_perplexity, base_*, trainable_params,
-    samples_per_s, train_seconds, training_state_bytes, peak_rss_bytes, ...)."""
+    origin (the same run imported twice has one origin), and the final metrics (val_loss, val_accuracy or
+    val_perplexity, base_*, trainable_params, samples_per_s, train_seconds, training_state_bytes,
+    peak_rss_bytes, ...)."""
     runs = list_runs(runs_dir) if runs is None else runs
     columns = ["id", "name", "sweep_id", "status", "model", "method", "rank", "alpha", "scaling", "rslora",
-               "targets", "init", "lr", "steps", "seed", "created", "duration_s"]
+               "targets", "init", "lr", "steps", "seed", "created", "duration_s", "origin"]
     frame = pd.DataFrame([_row(r) for r in runs])
     return frame if len(frame) else pd.DataFrame(columns=columns)
 
@@ -569,6 +595,19 @@ class RunWriter:
         """Save ``tensors`` beside the run as float32 safetensors."""
         atomic_save_tensors(self.dir / filename, tensors, dtype=torch.float32)
 
+    def discard(self) -> None:
+        """Remove this run's folder (a run refused before it trained: it leaves nothing)."""
+        trash = self.dir.with_name(f"{DELETING_PREFIX}{self.dir.name}-{secrets.token_hex(3)}")
+        try:
+            os.replace(self.dir, trash)
+        except FileNotFoundError:
+            return
+        _remove_tree(trash)
+        try:
+            self.dir.parent.rmdir()      # a store this run created is removed too (only if left empty)
+        except OSError:
+            pass
+
     def finish(self, status: str, metrics: dict | None = None, error: str | None = None) -> None:
         if status not in STATUSES or status == "running":
             raise ValueError(f"status={status!r}: a run finishes as completed, failed, interrupted or cancelled")
@@ -598,6 +637,7 @@ def create_run(config: dict, runs_dir: str | os.PathLike | None = None, name: st
     run.json with status "running" and this process's identity (pid, start time, host)."""
     root = runs_root(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(root)           # once per process: what killed writers left (cheap afterwards)
     for _ in range(100):
         run_id = new_run_id()
         directory = root / run_id
@@ -609,7 +649,8 @@ def create_run(config: dict, runs_dir: str | os.PathLike | None = None, name: st
     else:  # pragma: no cover - 100 collisions of 32 random bits
         raise RuntimeError(f"could not create a unique run directory under {root}")
     now = time.time()
-    record = {"format_version": FORMAT_VERSION, "id": run_id, "name": name or run_id, "sweep_id": sweep_id,
+    record = {"format_version": FORMAT_VERSION, "id": run_id, "origin": run_id, "name": name or run_id,
+              "sweep_id": sweep_id,
               "status": "running", "created": now, "heartbeat": now, "finished": None, **process_identity(),
               "config": config, "task": task or {}, "environment": environment(device), "metrics": {},
               "error": None}

@@ -70,6 +70,19 @@ def number(low: float, *, inclusive: bool = False, optional: bool = True) -> Che
     return check
 
 
+# AdamW's first step moves each weight by lr / (1 - β1) = 10·lr, computed in the weights' float32: above
+# this the step itself overflows. Any smaller learning rate runs, and a run that diverges stops as "failed"
+# (trainer.DIVERGED_FACTOR).
+MAX_LR = 3.0e37
+
+
+def learning_rate(name: str, value: Any) -> None:
+    number(0.0)(name, value)
+    if value is not None and value > MAX_LR:
+        _refuse(name, value, f"{name} must be at most {MAX_LR:g}: AdamW's first step (10·lr) would overflow "
+                             "float32; typical values are 1e-5 to 1e-2")
+
+
 def probability(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         _refuse(name, value, f"{name} must be in [0, 1)")
@@ -143,7 +156,7 @@ class RunSettings:
                                    "or pissa (A, B from the top-r SVD of W)", one_of(INIT_METHODS),
                         group="LoRA", choices=INIT_METHODS)
     lr: float | None = setting(None, "AdamW learning rate (default: per model and method; LoRA takes a larger one)",
-                               number(0.0), group="optimisation")
+                               learning_rate, group="optimisation")
     steps: int | None = setting(None, "training steps (default: per model)", integer(1), group="optimisation")
     batch_size: int | None = setting(None, "rows or token windows per step (default: per model)", integer(1),
                                      group="optimisation")
@@ -159,6 +172,9 @@ class RunSettings:
     bf16: bool = setting(False, "bfloat16 autocast (CUDA only)", flag, group="optimisation")
     max_eval_tokens: int = setting(16384, "tokens per evaluation at most (language models)",
                                    integer(1, optional=False), group="optimisation")
+    threads: int | None = setting(None, "CPU threads torch uses for the run (default 0: auto, one thread for the "
+                                        "toy built-ins and any model under 5M parameters, torch's default "
+                                        "otherwise; recorded in the run)", integer(0), group="optimisation")
 
     def check_fields(self) -> None:
         """Run every field's check (each raises ValueError naming the value and what is allowed)."""

@@ -29,6 +29,9 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "mod
 # Heads PEFT keeps trainable and saves for TaskType.SEQ_CLS (``modules_to_save``), when the model has them.
 CLASSIFIER_HEADS = ("classifier", "score")
 
+# Weight files that are Python pickles: never loaded (unpickling runs code that the file carries).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 
@@ -41,6 +44,20 @@ def _local_folder(name_or_path: str) -> Path | None:
     if not (local / "config.json").is_file():
         raise ValueError(f"'{local}' is a directory without config.json: not a Hugging Face model folder")
     return local
+
+
+def check_no_pickle_only(folder: Path) -> None:
+    """``ValueError`` (one line) when ``folder`` holds model weights only as pickles (``pytorch_model.bin``,
+    ``*.pt``, ...) and no ``*.safetensors``: pickles are never loaded, and the message says how to convert."""
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if any(f.name.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f.name for f in files if f.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(f"'{folder}' holds its weights only as a pickle ({', '.join(pickles[:3])}), and pickles are "
+                         "never loaded here (unpickling can run code): convert it to safetensors first, where you "
+                         "trust the file: AutoModel.from_pretrained(folder).save_pretrained(folder, "
+                         "safe_serialization=True)")
 
 
 def _attempts(local: Path | None) -> list[bool]:
@@ -101,10 +118,14 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None, labe
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_task(task)
+    local = _local_folder(name_or_path)
+    if local is not None:
+        check_no_pickle_only(local)
     if task == "causal-lm":
+        # use_safetensors=True: transformers refuses pickled weights instead of unpickling them
         return _resolve(name_or_path, "the causal LM",
-                        lambda s, lo: AutoModelForCausalLM.from_pretrained(s, local_files_only=lo,
-                                                                           dtype=torch.float32)), []
+                        lambda s, lo: AutoModelForCausalLM.from_pretrained(s, local_files_only=lo, dtype=torch.float32,
+                                                                           use_safetensors=True)), []
     kwargs = {"num_labels": num_labels}
     if labels:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)})
@@ -118,7 +139,8 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None, labe
             with torch.random.fork_rng(devices=[]):   # the new head's init, without touching the caller's RNG
                 torch.manual_seed(seed)
                 return AutoModelForSequenceClassification.from_pretrained(
-                    source, local_files_only=local_only, dtype=torch.float32, output_loading_info=True, **kwargs)
+                    source, local_files_only=local_only, dtype=torch.float32, output_loading_info=True,
+                    use_safetensors=True, **kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
     model, info = _resolve(name_or_path, "the sequence-classification model", load)

@@ -28,6 +28,7 @@ import re
 import time
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -84,7 +85,10 @@ class Task:
     never share weights. ``kind`` is "classification" (x (B, F) → logits (B, C)) or "causal-lm"
     (tokens (B, T) → logits (B, T, V)). Which base exactly: ``base_revision`` is the hub commit hash of a
     model loaded from the Hugging Face Hub (or its cache); ``base_sha256`` a content hash of a local model
-    folder or of a built-in pretrained base.
+    folder or of a built-in pretrained base. ``source_metrics(model, device)`` (built-in bases only) measures
+    the model on what its base was pretrained for, on a bounded held-out set, as ``source_*`` metrics: the
+    other half of "learns less, forgets less" (see :func:`classification_source_metrics`,
+    :func:`lm_source_metrics`, :func:`embedding_source_metrics`).
     """
 
     model_name: str
@@ -99,6 +103,9 @@ class Task:
     base_revision: str | None = None
     base_sha256: str | None = None
     modules_to_save: list[str] = field(default_factory=list)
+    # metrics of a model on the task the base was pretrained for, keys prefixed ``source_``: how much a run
+    # forgets (Biderman et al. 2024). The trainer calls it at every evaluation, step 0 included.
+    source_metrics: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
 
     @property
     def default_targets(self):
@@ -326,6 +333,101 @@ def _from_state(build: Callable[[], nn.Module], state: dict) -> Callable[[], nn.
     return make
 
 
+# ---- source-task metrics: what a run forgets ----------------------------------------------------------
+# Each is cheap on purpose (the trainer calls it at every evaluation): a bounded held-out set, one pass.
+
+SOURCE_MAX_ROWS = 512          # upright digits' validation rows at most (the split holds about 180)
+SOURCE_MAX_TOKENS = 4096       # held-out docs tokens at most (32 windows of tiny-gpt's 128)
+SOURCE_MAX_TEXTS = 64          # held-out texts whose embeddings are compared at most
+
+
+@contextmanager
+def _evaluating(model: nn.Module):
+    """Eval mode without gradients for the block; the model's own mode (training or not) is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def classification_source_metrics(source: ClassificationSplit, max_rows: int = SOURCE_MAX_ROWS
+                                  ) -> Callable[[nn.Module, torch.device], dict[str, float]]:
+    """``source_loss`` and ``source_accuracy`` of a classifier on the held-out validation rows (at most
+    ``max_rows``) of the split its base was pretrained on (mlp-digits: upright digits, never trained on)."""
+    x, y = source.x_val[:max_rows], source.y_val[:max_rows]
+
+    def metrics(model: nn.Module, device: torch.device) -> dict[str, float]:
+        with _evaluating(model):
+            logits = model(x.to(device)).float()
+        target = y.to(device)
+        return {"source_loss": float(F.cross_entropy(logits, target)),
+                "source_accuracy": float((logits.argmax(-1) == target).float().mean())}
+    return metrics
+
+
+def lm_source_metrics(source: TokenSplit, max_tokens: int = SOURCE_MAX_TOKENS, batch_size: int = 16
+                      ) -> Callable[[nn.Module, torch.device], dict[str, float]]:
+    """``source_loss`` (nats per token) and ``source_perplexity`` = exp(loss) of a language model on held-out
+    text of its pretraining corpus (tiny-gpt: the last tenth of the CPython docs, never trained on), at most
+    ``max_tokens`` target tokens, the same windows every time."""
+    from .data import token_eval_batches
+    batches = token_eval_batches(source.val, source.seq_len, batch_size, max_tokens)
+
+    def metrics(model: nn.Module, device: torch.device) -> dict[str, float]:
+        total, count = 0.0, 0
+        with _evaluating(model):
+            for x, y in batches:
+                logits = model(x.to(device))
+                logits = logits.logits if hasattr(logits, "logits") else logits
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.to(device).reshape(-1))
+                total, count = total + float(loss) * y.numel(), count + y.numel()
+        loss = total / count
+        return {"source_loss": loss, "source_perplexity": float(torch.tensor(min(loss, 80.0)).exp())}
+    return metrics
+
+
+def sentence_embeddings(encoder: nn.Module, inputs: dict, batch_size: int = 32) -> torch.Tensor:
+    """(N, hidden) unit-norm sentence embeddings as sentence-transformers makes all-MiniLM-L6-v2's: the mean of
+    the last hidden states over the real tokens (attention mask), L2-normalised. ``encoder`` is a Hugging
+    Face model with a ``base_model`` (a classifier) or the encoder itself."""
+    body = getattr(encoder, "base_model", encoder)
+    n = len(inputs["input_ids"])
+    out = []
+    for i in range(0, n, batch_size):
+        part = {k: v[i:i + batch_size] for k, v in inputs.items()}
+        hidden = body(**part).last_hidden_state.float()
+        mask = part["attention_mask"].unsqueeze(-1).float()
+        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1))
+    return torch.cat(out)
+
+
+def embedding_source_metrics(base: nn.Module, split: TextClassificationSplit, max_texts: int = SOURCE_MAX_TEXTS
+                             ) -> Callable[[nn.Module, torch.device], dict[str, float]]:
+    """``source_embedding_cosine``: the mean cosine similarity between a model's sentence embeddings and the
+    frozen base's, on held-out texts (the first ``max_texts`` validation texts of the task, never trained on).
+
+    Why this measure for MiniLM: all-MiniLM-L6-v2 was pretrained to embed sentences (contrastively, on a
+    billion sentence pairs), not for a labelled task that ships with it, so the one offline measure of
+    "what it was pretrained for" is whether its embeddings of unseen text stay where they were: 1.0 means
+    nothing moved (nothing forgotten), lower means the encoder's representation drifted. A probe accuracy
+    would measure the fine-tuning task again, not the source. The base's embeddings are computed once, on
+    the CPU, from ``base`` (left untouched), on first use."""
+    inputs = classification_inputs(split, slice(0, max_texts))
+    reference: dict[str, torch.Tensor] = {}
+
+    def metrics(model: nn.Module, device: torch.device) -> dict[str, float]:
+        if "base" not in reference:
+            with _evaluating(base):
+                reference["base"] = sentence_embeddings(base, inputs)
+        with _evaluating(model):
+            moved = sentence_embeddings(model, {k: v.to(device) for k, v in inputs.items()})
+        return {"source_embedding_cosine": float((moved.cpu() * reference["base"]).sum(-1).mean())}
+    return metrics
+
+
 # ---- Hugging Face causal LMs -----------------------------------------------------------------------------
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -501,7 +603,8 @@ def _classification_task(model: str, source: str, data: str | None, *, seq_len: 
                 base_revision=None if local.is_dir() else hub_commit(source, hf_model),
                 base_sha256=state_sha256(hf_model.state_dict()) if probe else
                 (folder_sha256(local.resolve()) if local.is_dir() else None),
-                modules_to_save=new)
+                modules_to_save=new,
+                source_metrics=embedding_source_metrics(hf_model, split) if model == "minilm" else None)
 
 
 def tok_name(tokenizer, vocab: int) -> str:
@@ -571,7 +674,7 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
                                    lambda: _pretrain_mlp(source, steps, seed))
         return Task(model, "classification", _from_state(build, state), target, data_name, DEFAULTS[model],
                     info={"pretrain_config": cfg, "pretrain": meta, "classes": classes},
-                    base_sha256=state_sha256(state))
+                    base_sha256=state_sha256(state), source_metrics=classification_source_metrics(source))
 
     if model == "tiny-gpt":
         config = TINY_GPT if seq_len is None else GPTConfig(**{**TINY_GPT.to_dict(), "block_size": seq_len})
@@ -587,7 +690,7 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
                                    lambda: _pretrain_gpt(source_tokens, config, steps, seed, progress))
         return Task(model, "causal-lm", _from_state(build, state), target, data_name, DEFAULTS[model],
                     info={"pretrain_config": cfg, "pretrain": meta, "tokenizer": "bytes"},
-                    base_sha256=state_sha256(state))
+                    base_sha256=state_sha256(state), source_metrics=lm_source_metrics(source_tokens))
 
     check_model_name(model)
     kind = task or hf.infer_task(hf.load_config(model))

@@ -66,7 +66,9 @@ def default_run_name(cfg: TrainConfig) -> str:
     if cfg.method == "full":
         return f"{cfg.model} full FT"
     scaling = "α/√r" if cfg.rslora else "α/r"
-    return f"{cfg.model} LoRA r={cfg.rank} α={cfg.alpha:g} ({scaling}) on {format_targets(parse_targets(cfg.targets))}"
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank          # before the defaults are filled in
+    targets = format_targets(parse_targets(cfg.targets)) if cfg.targets is not None else "the default targets"
+    return f"{cfg.model} LoRA r={cfg.rank} α={alpha:g} ({scaling}) on {targets}"
 
 
 def task_record(task: Task, model: nn.Module) -> dict:
@@ -86,11 +88,18 @@ def task_record(task: Task, model: nn.Module) -> dict:
 
 
 class RunRecord:
-    """The record of one run; ``writer`` is None when the run is not saved."""
+    """The record of one run; ``writer`` is None when the run is not saved.
 
-    def __init__(self, cfg: TrainConfig, task: Task, device: torch.device, w0: dict[str, torch.Tensor],
-                 writer: runstore.RunWriter | None) -> None:
-        self.cfg, self.task, self.device, self.w0, self.writer = cfg, task, device, w0, writer
+    A saved run's folder is claimed first (:meth:`claim`: run.json with status "running", the settings as
+    given and the environment), before the base is loaded or pretrained, so a process killed at any moment
+    leaves an "interrupted" run, never an empty folder; :meth:`begin` then adds the resolved settings and
+    the task once the model is built."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, writer: runstore.RunWriter | None) -> None:
+        self.cfg, self.device, self.writer = cfg, device, writer
+        self.task: Task | None = None
+        self.w0: dict[str, torch.Tensor] = {}
+        self.named = False                   # a name the caller gave is kept; a default one is refined
         self.rows: list[dict] = []
         self.status, self.error = "completed", None
         self.seconds = {"train": 0.0, "eval": 0.0}
@@ -105,14 +114,37 @@ class RunRecord:
             torch.cuda.reset_peak_memory_stats(device)
 
     @classmethod
-    def start(cls, cfg: TrainConfig, task: Task, model: nn.Module, device: torch.device,
-              w0: dict[str, torch.Tensor], *, save: bool, runs_dir: str | Path | None = None,
+    def claim(cls, cfg: TrainConfig, device: torch.device, *, save: bool, runs_dir: str | Path | None = None,
               name: str | None = None, sweep_id: str | None = None) -> "RunRecord":
-        """Begin the record; with ``save`` claim a run folder (status "running")."""
+        """Begin the record; with ``save`` claim a run folder at once (status "running", settings as given)."""
         writer = runstore.create_run(cfg.to_dict(), runs_dir, name=name or default_run_name(cfg),
-                                     sweep_id=sweep_id, task=task_record(task, model), device=device) \
-            if save else None
-        return cls(cfg, task, device, w0, writer)
+                                     sweep_id=sweep_id, device=device) if save else None
+        record = cls(cfg, device, writer)
+        record.named = name is not None
+        return record
+
+    def begin(self, cfg: TrainConfig, task: Task, model: nn.Module, w0: dict[str, torch.Tensor]) -> None:
+        """The model is built: record the resolved settings, the task and the environment now in effect
+        (the thread count may have changed with the model's size)."""
+        self.cfg, self.task, self.w0 = cfg, task, w0
+        if self.writer:
+            self.writer.update(config=cfg.to_dict(), task=task_record(task, model),
+                               environment=runstore.environment(self.device),
+                               **({} if self.named else {"name": default_run_name(cfg)}))
+            self.writer.flush()
+
+    def abort(self, status: str, error: str) -> TrainResult:
+        """The run ends before training started (cancelled or failed while loading or pretraining the base)."""
+        self.status, self.error = status, error
+        if self.writer:
+            self.writer.finish(status, {"steps_done": 0}, error=error)
+        return TrainResult(run_id=self.run_id, run_dir=self.writer.dir if self.writer else None, status=status,
+                           error=error, metrics={"steps_done": 0}, history=pd.DataFrame(), config=self.cfg)
+
+    def discard(self) -> None:
+        """Remove the claimed folder: the run's settings were refused (a ValueError before training)."""
+        if self.writer:
+            self.writer.discard()
 
     @property
     def run_id(self) -> str | None:

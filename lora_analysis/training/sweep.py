@@ -179,7 +179,7 @@ def run_job(job: SweepJob, progress: Progress | None = None, cancel: Cancel = No
 
 
 def _data_key(c: TrainConfig) -> tuple:
-    return (c.model, c.data, c.pretrain_steps, c.seq_len, c.label_column, c.text_field)
+    return (c.model, c.data, c.pretrain_steps, c.seq_len, c.label_column, c.text_field, c.task)
 
 
 def run_sweep(settings: Sequence[tuple[str, TrainConfig]], *, runs_dir: str | Path | None = None,
@@ -199,7 +199,7 @@ def run_sweep(settings: Sequence[tuple[str, TrainConfig]], *, runs_dir: str | Pa
         raise ValueError("the sweep is empty")
     if len({_data_key(c) for _, c in settings}) > 1:
         raise ValueError("all runs of a sweep must share the model and data settings (model, data, "
-                         "pretrain_steps, seq_len, label_column, text_field)")
+                         "pretrain_steps, seq_len, label_column, text_field, task)")
     executor = executor or LocalExecutor()
     if getattr(executor, "shares_memory", True):
         task = task or task_for(settings[0][1])
@@ -299,14 +299,18 @@ def run_sweep_job(spec: dict, progress: Progress | None = None, cancelled: Cance
                      loss=running[0]["loss"] if running else None, final=final,
                      message=f"{'Ray: ' if not executor.shares_memory else ''}{state.summary()}", **extra)
 
+    pretrain_started: list[float] = []
+
     def pretraining(step, total, loss, **_) -> None:
         # a built-in base pretrains once (tiny-gpt: a couple of minutes); say so instead of "starting…"
         if is_cancelled(cancelled):   # nothing is cached: the next job pretrains afresh
             raise Cancelled(f"cancelled while pretraining the base, at step {step} of {total}")
         if progress is not None:
+            pretrain_started[:] = pretrain_started or [time.time()]
             progress(done=0, total=state.count, runs_done=0, running=[], run=None, loss=loss, final=False,
-                     message=f"pretraining the {sweep.get('model')} base once (cached afterwards) · step "
-                             f"{step}/{total} · loss {loss:.4f}")
+                     phase="pretrain", pretrain_step=step, pretrain_total=total,
+                     message=pretrain_message(sweep.get("model"), step, total, loss,
+                                              time.time() - pretrain_started[0]))
 
     # prepared here when the runs are in this process or on this machine (the workers read the cache)
     task = task_for(settings[0][1], pretraining) if executor.shares_memory or executor.on_this_machine else None
@@ -329,6 +333,25 @@ def run_sweep_job(spec: dict, progress: Progress | None = None, cancelled: Cance
                  message=f"{len(ids)} run{'s' if len(ids) != 1 else ''} written"
                  + "".join(f", {n} {s}" for s, n in counts.items() if n))
     return ids
+
+
+def pretrain_message(model: str | None, step: int, total: int, loss: float, elapsed_s: float) -> str:
+    """"pretraining the tiny-gpt base once (cached afterwards) · step 120/2000 · loss 3.2100 · about 4 min
+    left": the estimate from the steps so far (shown once a few steps have gone)."""
+    text = f"pretraining the {model} base once (cached afterwards) · step {step}/{total} · loss {loss:.4f}"
+    if step >= 3 and total > step and elapsed_s > 0:
+        return text + f" · about {format_duration(elapsed_s / step * (total - step))} left"
+    return text
+
+
+def format_duration(seconds: float) -> str:
+    """3 s, 45 s, 2 min 5 s, 1 h 20 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s" if seconds < 600 else f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def resolve_steps(config: TrainConfig, task: Task | None = None) -> int:

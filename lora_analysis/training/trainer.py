@@ -12,13 +12,22 @@ another, both seeded with ``seed``, so runs in threads of one process give exact
 alone (on CPU). A model whose own layers draw from the process's global RNG (the dropout of most Hugging
 Face models) cannot have that; such runs take turns, one at a time per process, with the global RNG
 seeded for the run and restored after it (:func:`global_rng_turn`).
+
+Threads and determinism: a run uses the thread count of :func:`.runtime.threads_for` (one thread for the
+small models; the run's ``threads`` setting wins) and deterministic algorithms, both for the run only,
+and records them with what else its numbers depend on (``environment`` in run.json).
+
+Divergence, one rule for every run (train and sweep alike): a run stops as "failed", with a message that
+starts "diverged at step N" and ends "lower the learning rate (lr=...)", when a training or validation
+loss is NaN/inf or above :data:`DIVERGED_FACTOR` × max(1, the frozen base's validation loss), or a
+trainable weight is no longer finite (checked at every evaluation and before the weights are saved).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Union
@@ -36,9 +45,10 @@ from .data import ClassificationSplit, classification_batch, classification_inpu
 from .models import Task, prepare_task
 from .record import MAX_BASE_WEIGHTS_BYTES, RunRecord, TrainResult, default_run_name, training_state_bytes, \
     weight_copy
+from .runtime import deterministic_scope, threads_scope
 
-__all__ = ["Cancel", "MAX_BASE_WEIGHTS_BYTES", "METHODS", "TrainConfig", "TrainResult",
-           "adaptable_modules", "default_run_name", "evaluate", "global_rng_turn", "is_cancelled",
+__all__ = ["Cancel", "DIVERGED_FACTOR", "MAX_BASE_WEIGHTS_BYTES", "METHODS", "TrainConfig", "TrainResult",
+           "adaptable_modules", "default_run_name", "divergence", "evaluate", "global_rng_turn", "is_cancelled",
            "prepare_model", "resolve_config", "task_for", "train", "training_state_bytes"]
 
 Cancel = Union[threading.Event, Callable[[], bool], None]
@@ -54,9 +64,12 @@ def is_cancelled(cancel: Cancel) -> bool:
 
 
 def task_for(config: TrainConfig, progress: Callable[..., None] | None = None) -> Task:
-    """The pretrained base and data split ``config`` trains on (built-in bases come from the cache)."""
-    return prepare_task(config.model, config.data, pretrain_steps=config.pretrain_steps, seq_len=config.seq_len,
-                        label_column=config.label_column, text_field=config.text_field, progress=progress)
+    """The pretrained base and data split ``config`` trains on (built-in bases come from the cache; a
+    built-in pretrains on the run's thread count, see :func:`.runtime.threads_for`)."""
+    with threads_scope(config.model, requested=config.threads):
+        return prepare_task(config.model, config.data, pretrain_steps=config.pretrain_steps,
+                            seq_len=config.seq_len, label_column=config.label_column,
+                            text_field=config.text_field, progress=progress, task=config.task)
 
 
 def resolve_config(config: TrainConfig, task: Task) -> TrainConfig:
@@ -162,66 +175,153 @@ def evaluate(task: Task, model: nn.Module, device: torch.device, batch_size: int
                 total, count = total + float(loss) * y.numel(), count + y.numel()
             val = total / count
             out = {"val_loss": val, "val_perplexity": math.exp(min(val, 80.0))}
+    out.update(source_metrics(task, model, device))
     model.train(was_training)
     return out
 
 
+def source_metrics(task: Task, model: nn.Module, device: torch.device) -> dict[str, float]:
+    """The model on the task its base was pretrained for (``task.source_metrics``, when the task has one):
+    what fine-tuning made it forget. Keys start with ``source_`` (added when missing); values are floats."""
+    measure = getattr(task, "source_metrics", None)
+    if measure is None:
+        return {}
+    return {(k if k.startswith("source_") else f"source_{k}"): float(v) for k, v in measure(model, device).items()}
+
+
+DIVERGED_FACTOR = 100.0     # a loss this many times the frozen base's (at least 1) is no longer training
+
+
+def divergence(loss: float, base_val_loss: float | None, what: str) -> str | None:
+    """Why ``loss`` (the "training" or "validation" loss) says the run diverged, or None when it does not:
+    NaN/inf, or above DIVERGED_FACTOR × max(1, the frozen base's validation loss)."""
+    if math.isnan(loss) or math.isinf(loss):
+        return f"the {what} loss became {'NaN' if math.isnan(loss) else 'inf'}"
+    limit = DIVERGED_FACTOR * max(1.0, base_val_loss if base_val_loss is not None and math.isfinite(base_val_loss)
+                                  else 1.0)
+    if loss > limit:
+        return (f"the {what} loss {loss:.3g} is over {DIVERGED_FACTOR:g}× the frozen base's validation loss "
+                f"({base_val_loss:.3g})")
+    return None
+
+
+def non_finite_weight(params: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first trainable weight holding NaN or inf, or None."""
+    return next((n for n, p in params.items() if not bool(torch.isfinite(p).all())), None)
+
+
 def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path | None = None,
           save: bool = True, progress: Callable[..., None] | None = None, cancel: Cancel = None,
-          name: str | None = None, sweep_id: str | None = None, keep_model: bool = True) -> TrainResult:
+          name: str | None = None, sweep_id: str | None = None, keep_model: bool = True,
+          pretrain_progress: Callable[..., None] | None = None) -> TrainResult:
     """Fine-tune with LoRA or fully; record the run in the run store (unless ``save=False``).
 
     ``progress(step=, total=, loss=, run_id=, metrics=)`` is called after every step (``metrics`` holds the
     val_* values on evaluation steps, else None). ``cancel`` (an Event-like object or a callable returning
-    True) is checked before every step; the run then stops and is recorded as "cancelled". A NaN/inf loss
-    stops the run as "failed" with the step in the message; Ctrl-C records it as "interrupted" and
-    re-raises. Bad settings raise ``ValueError`` before anything is written. ``task`` reuses a prepared
-    base and data split (a sweep prepares it once).
+    True) is checked before every step and while the base pretrains; the run then stops and is recorded as
+    "cancelled". A run that diverges (see the module docstring) stops as "failed" with the step and the
+    learning rate in the message; Ctrl-C records it as "interrupted" and re-raises. Bad settings raise
+    ``ValueError`` and leave nothing in the store. ``task`` reuses a prepared base and data split (a sweep
+    prepares it once); without it the base is loaded here, after the run folder is claimed, and a built-in
+    base that must pretrain first reports ``pretrain_progress(step=, total=, loss=, phase="pretrain")``.
     """
     config.validate()
     device = pick_device(config.device)
     if config.bf16 and device.type != "cuda":
         raise ValueError(f"bf16=True needs a CUDA device (this run is on {device}): leave bf16 off")
-    task = task or task_for(config)
-    cfg = resolve_config(config, task)
+
+    def pretraining(**p) -> None:
+        if is_cancelled(cancel):
+            raise _CancelledSetup(f"cancelled while pretraining the base, at step {p.get('step')} of {p.get('total')}")
+        if pretrain_progress is not None:
+            pretrain_progress(**p)
+
+    with ExitStack() as scopes:
+        scopes.enter_context(threads_scope(config.model, requested=config.threads))
+        scopes.enter_context(deterministic_scope())
+        record = RunRecord.claim(config, device, save=save, runs_dir=runs_dir, name=name, sweep_id=sweep_id)
+        try:
+            task = task or task_for(config, pretraining)
+            cfg = resolve_config(config, task)
+            model = task.build_model().to(device)
+            scopes.enter_context(threads_scope(config.model, sum(p.numel() for p in model.parameters()),
+                                               config.threads))
+            scopes.enter_context(global_rng_turn(model, cfg.seed, device))
+            w0 = prepare_model(model, cfg, device, task.modules_to_save)
+        except ValueError:
+            record.discard()            # refused settings leave nothing behind
+            raise
+        except _CancelledSetup as exc:
+            return record.abort("cancelled", str(exc))
+        except KeyboardInterrupt:
+            record.abort("interrupted", "interrupted (KeyboardInterrupt) before training started")
+            raise
+        except BaseException as exc:
+            record.abort("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        return _train_loop(cfg, task, model, w0, device, record, progress, cancel, keep_model)
+
+
+class _CancelledSetup(Exception):
+    """Cancel was asked for while the base was being prepared."""
+
+
+def _train_loop(cfg: TrainConfig, task: Task, model: nn.Module, w0: dict, device: torch.device,
+                record: RunRecord, progress, cancel: Cancel, keep_model: bool) -> TrainResult:
+    """The loop itself: evaluate the frozen base, then train, evaluating every ``eval_every`` steps."""
     autocast = cfg.bf16
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = torch.Generator().manual_seed(cfg.seed)            # the batch order
+    record.begin(cfg, task, model, w0)
 
-    model = task.build_model().to(device)
-    with global_rng_turn(model, cfg.seed, device):
-        w0 = prepare_model(model, cfg, device, task.modules_to_save)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        batches = torch.Generator().manual_seed(cfg.seed)            # the batch order
-        record = RunRecord.start(cfg, task, model, device, w0, save=save, runs_dir=runs_dir, name=name,
-                                 sweep_id=sweep_id)
+    def diverged(step: int, reason: str) -> None:
+        record.stop("failed", f"diverged at step {step}: {reason}: lower the learning rate (lr={cfg.lr:g})")
 
-        with record.guard(model):
-            record.log(0, float("nan"), evaluate(task, model, device, cfg.batch_size, cfg.max_eval_tokens, autocast))
-            model.train()
-            for step in range(1, cfg.steps + 1):
-                if is_cancelled(cancel):
-                    record.stop("cancelled", f"cancelled before step {step} of {cfg.steps}")
-                    break
-                with record.timing("train"):
-                    x, y = next_batch(task, cfg.batch_size, batches)
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = task.loss(model, (to_device(x, device), y.to(device)))
-                    if not torch.isfinite(loss):
-                        record.stop("failed", f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at step "
-                                              f"{step}: lower the learning rate (lr={cfg.lr:g})")
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                record.count_memory(model, optimizer)
-                metrics = None
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    with record.timing("eval"):
-                        metrics = evaluate(task, model, device, cfg.batch_size, cfg.max_eval_tokens, autocast)
+    with record.guard(model):
+        base = evaluate(task, model, device, cfg.batch_size, cfg.max_eval_tokens, autocast)
+        record.log(0, float("nan"), base)
+        base_loss = base["val_loss"]
+        if not math.isfinite(base_loss):
+            record.stop("failed", f"the frozen base's validation loss is {base_loss} before any training: its "
+                                  "weights or the data hold non-finite values")
+            return record.finish(model, keep_model)
+        model.train()
+        for step in range(1, cfg.steps + 1):
+            if is_cancelled(cancel):
+                record.stop("cancelled", f"cancelled before step {step} of {cfg.steps}")
+                break
+            with record.timing("train"):
+                x, y = next_batch(task, cfg.batch_size, batches)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = task.loss(model, (to_device(x, device), y.to(device)))
                 train_loss = loss.item()
-                record.log(step, train_loss, metrics)
-                if progress is not None:
-                    progress(step=step, total=cfg.steps, loss=train_loss, run_id=record.run_id, metrics=metrics)
+                if reason := divergence(train_loss, base_loss, "training"):
+                    diverged(step, reason)
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:       # the update itself overflows float32
+                    if "overflow" not in str(exc):
+                        raise
+                    diverged(step, f"the optimizer's update overflowed ({exc})")
+                    break
+            record.count_memory(model, optimizer)
+            metrics = None
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                with record.timing("eval"):
+                    metrics = evaluate(task, model, device, cfg.batch_size, cfg.max_eval_tokens, autocast)
+            record.log(step, train_loss, metrics)
+            if progress is not None:
+                progress(step=step, total=cfg.steps, loss=train_loss, run_id=record.run_id, metrics=metrics)
+            if metrics is not None:
+                reason = divergence(metrics["val_loss"], base_loss, "validation")
+                bad = non_finite_weight(params) if reason is None else None
+                if reason or bad:
+                    diverged(step, reason or f"the weight {bad} holds NaN or inf")
+                    break
         return record.finish(model, keep_model)
