@@ -344,3 +344,17 @@ def test_findings_cli_refuses_a_preset_without_a_model(capsys):
     assert main(["findings", "--run-preset"]) == 2
     assert "--run-preset needs --model with a research preset: one of mlp-digits, tiny-gpt, minilm (got None)" \
         in capsys.readouterr().err
+
+
+def test_the_evidence_charts_fit_their_data_and_escape_names(small_sweep, monkeypatch):
+    from lora_analysis.plots.checks import axis_problems, log_tick_problems, raw_markup
+
+    monkeypatch.setenv("LORA_ANALYSIS_HOME", str(small_sweep))
+    result = F.findings(runstore.list_runs(), "mlp-digits")
+    figures = [fig for f in result.findings for fig in f.figures]
+    assert len(figures) >= 4
+    for fig in figures:
+        assert axis_problems(fig) == [] and log_tick_problems(fig) == [], fig.layout.title.text
+        assert raw_markup(fig) == []
+    for f in result.findings:
+        assert len(f.readings) == len(f.figures) and all(f.readings)       # each chart says how to read it

@@ -29,14 +29,16 @@ JSON, BIN = "application/json", "application/octet-stream"
 TAGS = "<img src=x onerror=alert(1)><script>alert(2)</script>"
 MARKDOWN = "![x](http://example.invalid/x.png) [click](javascript:alert(1))"
 HOSTILE = f"{TAGS} {MARKDOWN}"
-LORA_NAME, FULL_NAME = f"{HOSTILE} lora", f"{HOSTILE} full"
+# charts keep a long name's end (its last 40 characters): the tags come again at the end, so they reach them
+LORA_NAME, FULL_NAME = f"{HOSTILE} lora {TAGS}", f"{HOSTILE} full {TAGS}"
 NOTE = '<svg onload=alert(3)></svg> "quoted" & <a href="javascript:alert(4)">note</a>'
 MODULE = "x<b>y</b><img src=x onerror=alert(5)>"
 
 # raw forms that must never reach a browser as markup
-RAW_HTML = ("<img src=x onerror", "<script>alert(2)", "<svg onload", '<a href="javascript', "<b>y</b>")
+RAW_HTML = ("<img src=x onerror", "<script>alert(2)", "alert(2)</script>", "<svg onload", '<a href="javascript',
+            "<b>y</b>")
 RAW_MARKDOWN = ("![x](", "[click](", "](javascript:", "](http://example.invalid")
-PAGES = ["home", "finetune", "spectra", "rank_alpha", "subspaces", "findings", "reports"]
+PAGES = ["home", "params", "finetune", "spectra", "rank_alpha", "subspaces", "findings", "merge", "reports"]
 
 
 # ---- the hostile store --------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def rendered_texts(at: AppTest) -> list[tuple[str, str, bool]]:
     of markdown and alert elements, and the labels, help texts, radio options and captions of widgets,
     metrics, expanders and tabs (plain option lists of selectboxes and multiselects are text only)."""
     out = []
-    for node in _nodes(at._tree):
+    for node in (n for root in (at.main, at.sidebar) for n in _nodes(root)):
         proto = getattr(node, "proto", None)
         kind = getattr(node, "type", "")
         if proto is None:
@@ -141,6 +143,12 @@ def rendered_texts(at: AppTest) -> list[tuple[str, str, bool]]:
 def plain_choices(at: AppTest) -> list[str]:
     """The options of selectboxes and multiselects: where a run's name reaches the page as data."""
     return [o for kind in ("selectbox", "multiselect") for w in at.get(kind) for o in w.options]
+
+
+def table_cells(at: AppTest) -> list[str]:
+    """The text cells of the page's tables (shown as text by Streamlit's data grid, never as markup)."""
+    return [v for d in at.dataframe for column in d.value.columns for v in d.value[column].tolist()
+            if isinstance(v, str)]
 
 
 def chart_specs(at: AppTest) -> list[dict]:
@@ -184,37 +192,29 @@ def test_the_checks_catch_unescaped_text():
 
 # ---- the pages ------------------------------------------------------------------------------------------
 
+CHART_PAGES = {"finetune", "spectra", "rank_alpha", "subspaces"}     # pages whose charts name the runs
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_hostile_run_names_are_shown_as_text_on_every_page(hostile, page):
     at = open_page(page)
-    # the hostile names reached the page: as plain choices, or as escaped text that reads back as the name
-    everything = plain_choices(at) + [shown(t) for _, t, _ in rendered_texts(at)]
-    everything += [json.dumps(s, ensure_ascii=False) for s in chart_specs(at)]
-    if page != "home":                    # home shows the LoRA diagram, no runs
-        assert any(HOSTILE in text or "&lt;img src=x onerror" in text for text in everything), \
+    if page == "params":                  # the page's run mode: parameter counts of a run's model
+        clean(at.radio(key="params_mode").set_value("A run's model").run())
+    specs = chart_specs(at)
+    # the hostile names reached the page: as choices, table cells, escaped text or chart text
+    everything = plain_choices(at) + table_cells(at) + [shown(t) for _, t, _ in rendered_texts(at)]
+    if page not in CHART_PAGES | {"home"}:   # home shows the LoRA diagram, no runs
+        assert any(HOSTILE in text for text in everything), \
             f"{page}: the hostile run name is nowhere on the page: the check would prove nothing"
     assert markup_left(at) == []
-
-
-def test_escaped_names_read_back_as_the_name(hostile):
-    """Where a page writes a run's name into markdown, it is escaped (\\!\\[, \\[, \\<) and reads back whole."""
-    at = open_page("finetune")
-    texts = [t for _, t, _ in rendered_texts(at) if "onerror" in t]
-    for page in ("spectra", "rank_alpha", "subspaces", "findings", "reports"):
-        texts += [t for _, t, _ in rendered_texts(open_page(page)) if "onerror" in t]
-    if not texts:
-        pytest.skip("no page writes a run's name into markdown (choices and charts are checked above)")
-    for text in texts:
-        assert "\\<img src=x onerror" in text and "<img src=x" not in text.replace("\\<", "")
-        if "example.invalid" in text:
-            assert "\\!\\[x\\]\\(" in text and "\\[click\\]\\(javascript" in text
-
-
-def test_spectra_charts_of_the_hostile_runs_have_no_raw_markup(hostile):
-    at = open_page("spectra")
-    specs = chart_specs(at)
-    assert specs and any("onerror" in json.dumps(s) for s in specs), "no chart names the hostile runs"
-    assert [p for s in specs for p in raw_markup(s)] == []
+    if page in CHART_PAGES:               # ... and into its charts, escaped for plotly
+        assert any("&lt;script&gt;alert(2)&lt;/script&gt;" in json.dumps(s) for s in specs), \
+            f"{page}: no chart names the hostile runs"
+    # where a page writes a run's name into markdown (params, spectra, subspaces): escaped, reads back whole
+    for _, text, _ in rendered_texts(at):
+        if "onerror" in text:
+            assert "\\<img src=x onerror=alert\\(1\\)\\>\\<script\\>" in text and HOSTILE in shown(text), text
+            assert "\\!\\[x\\]\\(http\\://example.invalid" in text and "\\[click\\]\\(javascript" in text, text
 
 
 # ---- the HTML reports -----------------------------------------------------------------------------------
@@ -225,20 +225,56 @@ def _raw_in_html(html: str) -> list[str]:
     return found
 
 
+def report_figures(html: str) -> list[dict]:
+    """The figures of an HTML report as plotly.js reads them: the JSON of each ``Plotly.newPlot(id, data,
+    layout, ...)`` decoded (plotly writes ``<`` as ``\\u003c``: decoding gives the text plotly.js renders)."""
+    decoder, figures = json.JSONDecoder(), []
+    for match in re.finditer(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*", html):
+        data, end = decoder.raw_decode(html, match.end())
+        layout, _ = decoder.raw_decode(html, re.compile(r",\s*").match(html, end).end())
+        figures.append({"data": data, "layout": layout})
+    return figures
+
+
+def report_problems(html: str) -> list[str]:
+    """Raw tags or javascript: links in the report's HTML, and raw tags in the text its figures render."""
+    problems = _raw_in_html(html)
+    for i, figure in enumerate(report_figures(html)):
+        problems += [f"figure {i}: {p}" for p in raw_markup(figure)]
+    if not _script_blocks_intact(html):
+        problems.append("a <script> block is opened or closed by shared text")
+    return problems
+
+
+def _script_blocks_intact(html: str) -> bool:
+    """Every <script> opened is closed once: no shared text inside embedded JSON opens or ends a block."""
+    return len(re.findall(r"<script\b", html, flags=re.I)) == len(re.findall(r"</script\s*>", html, flags=re.I))
+
+
 def test_the_html_report_escapes_run_names_and_config_values(hostile, tmp_path):
     from lora_analysis.cli import main
 
     out = tmp_path / "report.html"
-    assert main(["report", "--html", str(out)]) == 0
+    # training and spectra only: every analysis goes through the dashboard's report below, in the same sections
+    assert main(["report", "--parts", "training,spectra", "--html", str(out)]) == 0
     html = out.read_text(encoding="utf-8")
     # the hostile text is in the report, escaped: as HTML entities or as JSON's \u003c escapes
     assert "&lt;img src=x onerror=alert(1)&gt;" in html or "\\u003cimg src=x onerror=alert(1)\\u003e" in html
     assert "onerror=alert(1)" in html and "svg onload=alert(3)" in html
-    assert _raw_in_html(html) == []
-    # no embedded script block can be closed early by shared text
-    for block in re.findall(r"<script[^>]*>(.*?)</script>", html, flags=re.S | re.I):
-        assert "alert(2)" not in block or "<script>alert(2)" not in block.lower()
-    assert html.lower().count("</script>") == html.lower().count("<script")
+    figures = report_figures(html)
+    assert figures and any("alert(2)" in json.dumps(f) for f in figures)     # the figures name the runs
+    assert report_problems(html) == []
+
+
+def test_the_dashboards_html_report_escapes_run_names_and_config_values(hostile):
+    at = open_page("reports")
+    assert all(HOSTILE in label for label in at.multiselect(key="rep_runs").value)
+    at.button(key="rep_build").click().run()
+    html = clean(at).session_state["rep_html"]
+    assert "onerror=alert(1)" in html and "svg onload=alert(3)" in html        # the names and the note are in it
+    figures = report_figures(html)
+    assert figures and any("alert(2)" in json.dumps(f) for f in figures)     # the figures name the runs
+    assert report_problems(html) == []
 
 
 # ---- an adapter whose module names carry HTML -----------------------------------------------------------
@@ -268,7 +304,9 @@ def test_an_adapter_with_html_module_names_is_read_and_reported_escaped(lora_hom
     capsys.readouterr()
     html = out.read_text(encoding="utf-8")
     assert "y&lt;/b&gt;" in html or "y\\u003c/b\\u003e" in html          # the module names are in it, escaped
-    assert _raw_in_html(html) == []
+    figures = report_figures(html)
+    assert figures and any("alert(5)" in json.dumps(f) for f in figures)     # the figures name the modules
+    assert report_problems(html) == []
     assert "alert(5)" in html and "<img src=x onerror=alert(5)" not in html
 
 
@@ -284,4 +322,5 @@ def test_the_spectra_page_shows_an_uploaded_hostile_adapter_as_text(lora_home, t
     assert table and MODULE in set(table[0]["name"])                     # the names reached the page
     specs = chart_specs(at)
     assert specs and any("onerror=alert(5)" in json.dumps(s) for s in specs)
+    assert any(MODULE in shown(t) for _, t, _ in rendered_texts(at))   # and into the page's markdown, escaped
     assert markup_left(at) == []

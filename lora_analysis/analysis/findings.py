@@ -36,7 +36,7 @@ import plotly.graph_objects as go
 import torch
 
 from .. import runstore
-from ..plots.style import COLORS, SEQUENCE, apply_style, reference_line, safe_label
+from ..plots.style import COLORS, SEQUENCE, apply_style, bounded_axis, reference_line, safe_label
 from ..report import Section
 from ..weights import ModuleUpdate
 from . import amplification, intruders, similarity
@@ -475,7 +475,8 @@ def plot_phi_modules(frame: pd.DataFrame, title: str) -> go.Figure:
                     name=f"random baseline + {PHI_REST_MARGIN:g} (the rule's ceiling for 2..k)")
     reference_line(fig, PHI_TOP, f"φ(1,1) > {PHI_TOP:g}: the paper's top-direction overlap",
                    line={"dash": "dash", "color": "#555"})
-    fig.update_layout(barmode="group", yaxis={"title": "φ", "range": [0, 1.05]}, xaxis={"title": "module"})
+    fig.update_layout(barmode="group", yaxis={"title": "φ"}, xaxis={"title": "module"})
+    bounded_axis(fig, "y", 0.0, 1.0)          # φ lives in [0, 1]: small values read as small
     return apply_style(fig, title)
 
 
