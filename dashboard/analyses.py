@@ -24,9 +24,24 @@ def inputs_for(runs) -> Inputs:
     return Inputs.from_runs(runs, load=updates_for, spectra=spectra_frame_for, restore=restored_for)
 
 
+def inputs_with(runs, extra: Mapping[str, tuple[Mapping, tuple]] | None = None) -> Inputs:
+    """Runs and subjects that are not runs side by side (e.g. an uploaded adapter beside the store's runs):
+    ``extra`` is ``{label: (updates, key)}``, ``key`` identifying the updates' content for the caches (the
+    adapter's content hash and its base's). Runs are read through the page caches, as by :func:`inputs_for`."""
+    subjects: dict = {label: updates for label, (updates, _) in (extra or {}).items()}
+    base = inputs_for(list(runs))
+    subjects.update({label: base.run(label) for label in base.labels})
+    inputs = Inputs(subjects, load=updates_for, spectra=spectra_frame_for, restore=restored_for)
+    inputs.duplicates = base.duplicates
+    inputs.subject_keys = {label: key for label, (_, key) in (extra or {}).items()}
+    return inputs
+
+
 def inputs_key(inputs: Inputs) -> tuple:
-    """What identifies the inputs for the cache: each run's id and last change, or the page's own key."""
-    return tuple((label, r.id, stamp(r)) if (r := inputs.run(label)) is not None else (label,)
+    """What identifies the inputs for the cache: each run's id and last change, a non-run subject's own key
+    (``inputs.subject_keys``, see :func:`inputs_with`), or the label alone."""
+    keys = getattr(inputs, "subject_keys", None) or {}
+    return tuple((label, r.id, stamp(r)) if (r := inputs.run(label)) is not None else (label, *keys.get(label, ()))
                  for label in inputs.labels)
 
 

@@ -7,15 +7,21 @@ new or changed run is picked up at once.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
+
 import pandas as pd
 import streamlit as st
 
 from lora_analysis import runstore
 from lora_analysis.analysis.registry import run_label
+from lora_analysis.analysis.sources import updates_from_adapter
 from lora_analysis.analysis.spectra import spectra_frame
 from lora_analysis.weights import ModuleUpdate
 
-__all__ = ["all_runs", "clear_caches", "completed", "empty_store_message", "follow_default", "latest_sweep",
+__all__ = ["KEPT", "Kept", "digest_of", "keep", "kept_adapters", "module_names_for", "all_runs", "clear_caches", "completed", "empty_store_message", "follow_default", "latest_sweep",
            "restored_for", "run_label", "spectra_frame_for", "spread", "stamp", "updates_for"]
 
 
@@ -117,3 +123,85 @@ def spread(runs: list[runstore.Run], n: int) -> list[runstore.Run]:
         picked = full + [lora[i] for i in sorted({round(i * step) for i in range(room)})]
     keep = {r.id for r in picked}
     return [r for r in runs if r.id in keep]
+
+
+# ---- adapters read in this session (uploaded or typed), beside the runs ------------------------------------
+#
+# An adapter read on the Spectra page is kept in the session (KEPT, by its content hash) with its base weights,
+# so it is still there after a visit to another page and can be set beside the runs.
+
+KEPT = "adapters"                      # session state: {content hash: Kept}
+MAX_KEPT = 4                           # the oldest is forgotten beyond this (each holds its tensors)
+
+
+@dataclass
+class Kept:
+    """One adapter of this session: what it is called, its content hash, its factors and, once given, its
+    base weights (the updates then carry W0)."""
+
+    name: str
+    digest: str
+    source: str                         # "upload" or "folder"
+    adapter: Any                        # lora_analysis.lora.adapter_io.Adapter
+    base: str = ""                      # what the base is ("" for none), as the user gave it
+    base_key: str = ""                  # identifies the base's content for the caches
+    updates: dict = field(default_factory=dict)
+    typed: str = ""                     # the folder as typed (source "folder")
+
+    @property
+    def label(self) -> str:
+        return f"adapter: {self.name} · {self.digest[:6]}"
+
+    @property
+    def key(self) -> tuple:
+        return ("adapter", self.digest, self.base_key)
+
+
+def kept_adapters() -> dict[str, Kept]:
+    """The adapters read in this session, by content hash (newest last)."""
+    return st.session_state.setdefault(KEPT, {})
+
+
+def keep(kept: Kept) -> Kept:
+    """Remember ``kept`` (the same content replaces the older entry, keeping its base)."""
+    adapters = kept_adapters()
+    old = adapters.pop(kept.digest, None)
+    if old is not None and old.base and not kept.base:
+        kept.base, kept.base_key, kept.updates = old.base, old.base_key, old.updates
+    if not kept.updates:
+        kept.updates = updates_from_adapter(kept.adapter)
+    adapters[kept.digest] = kept
+    while len(adapters) > MAX_KEPT:
+        adapters.pop(next(iter(adapters)))
+    return kept
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _module_names(run_dir: str, stamp: float, method: str) -> frozenset[str]:
+    from safetensors import safe_open
+
+    from lora_analysis.lora.adapter_io import LORA_KEY
+    from lora_analysis.store.runs import ADAPTER_DIR, FULL_WEIGHTS
+
+    lora = method == "lora"
+    path = Path(run_dir) / (f"{ADAPTER_DIR}/adapter_model.safetensors" if lora else FULL_WEIGHTS)
+    try:
+        with safe_open(str(path), "pt") as f:       # the header only: no tensor is read
+            keys = list(f.keys())
+    except Exception:       # a run without readable weights shares nothing: it is simply not offered
+        return frozenset()
+    if not lora:
+        return frozenset(keys)
+    return frozenset(m["module"] for k in keys if (m := LORA_KEY.match(k)))
+
+
+def module_names_for(run: runstore.Run) -> frozenset[str]:
+    """The modules a run adapted (LoRA) or holds (full fine-tuning), from its weights' header alone."""
+    return _module_names(str(run.dir), stamp(run), run.method)
+
+
+def digest_of(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()

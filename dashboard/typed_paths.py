@@ -8,6 +8,7 @@ find out what is on the server. Pages only read what is typed here; they write n
 data folder.
 
     model = model_source(typed)      # a built-in name, a hub id, or an absolute folder path inside the roots
+    base = resolve_base_path(typed)  # base weights W0: a .safetensors file or a model folder inside the roots
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def resolve_typed_folder(text: str, what: str = "model folder") -> Path:
     if not _inside(path, allowed_roots()):
         raise ValueError(f"the {what} '{text}' was refused: it is outside the folders this dashboard reads "
                          f"models from ({allowed_roots_text()})")
+    return path
+
+
+def resolve_base_path(text: str) -> Path:
+    """Base weights W0 typed as a path: a ``.safetensors`` file or a folder of them (a Hugging Face model
+    folder, single file or sharded), resolved and inside :func:`allowed_roots`, every file it would read
+    inside them too (a link in the folder may point out). Raises ValueError saying what was refused."""
+    path = resolve_typed_folder(text, "base weights path")
+    shown = text.strip()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"the base weights '{shown}' must be a .safetensors file or a model folder (pickled "
+                             ".bin/.pt files are never loaded)")
+        return path
+    if not path.is_dir():
+        raise ValueError(f"the base weights '{shown}' do not exist")
+    files = [*path.glob("*.safetensors"), *path.glob("*.json")]
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise ValueError(f"the base folder '{shown}' holds no .safetensors file (pickled .bin/.pt files are never "
+                         "loaded)")
+    if not all(inside_allowed(f) for f in files):
+        raise ValueError(f"the base folder '{shown}' was refused: its files must lie inside {allowed_roots_text()}")
     return path
 
 

@@ -8,38 +8,22 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.analyses import inputs_for, result, show_tables, widget
+from dashboard.analyses import inputs_for, inputs_key, inputs_with, result, show, show_tables, widget
 from dashboard.common import (MAX_UPLOAD_BYTES, answers_box, chart, guarded, next_question, page_question, question,
                               reading, result_answer, scratch_dir, table, uploader)
-from dashboard.runs import all_runs, completed, empty_store_message, follow_default, latest_sweep, run_label
+from dashboard.runs import (Kept, all_runs, completed, digest_of, empty_store_message, follow_default, keep,
+                            kept_adapters, latest_sweep, module_names_for, run_label)
 from dashboard.plain_text import plain
-from dashboard.typed_paths import allowed_roots_text, inside_allowed, resolve_typed_folder
+from dashboard.typed_paths import allowed_roots_text, inside_allowed, resolve_base_path, resolve_typed_folder
 from lora_analysis.analysis import registry
-from lora_analysis.analysis.sources import updates_from_adapter
+from lora_analysis.analysis.spectra import relative_norm_total
+from lora_analysis.analysis.sources import adapter_shapes, load_base_weights, updates_from_adapter
 from lora_analysis.lora import read_adapter
+from lora_analysis.lora.adapter_io import Adapter
 
 SWEEP, SPECTRA, ADVICE = (registry.get(n) for n in ("spectra_sweep", "spectra", "rank_advice"))
-
-
-def adapter_from_upload(files) -> dict:
-    """Write the two uploaded files to a private temp folder and read them as a PEFT adapter."""
-    by_name = {f.name: f for f in files}
-    config = next((f for n, f in by_name.items() if n.endswith(".json")), None)
-    weights = next((f for n, f in by_name.items() if n.endswith(".safetensors")), None)
-    if config is None or weights is None:
-        raise ValueError("upload both adapter_config.json and adapter_model.safetensors (got "
-                         f"{', '.join(by_name) or 'nothing'})")
-    total = sum(len(f.getvalue()) for f in files)
-    if total > MAX_UPLOAD_BYTES:
-        raise ValueError(f"the upload is {total / 2**20:.0f} MiB: use the CLI for adapters over "
-                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
-    with scratch_dir() as tmp:
-        (Path(tmp) / "adapter_config.json").write_bytes(config.getvalue())
-        (Path(tmp) / "adapter_model.safetensors").write_bytes(weights.getvalue())
-        try:
-            return updates_from_adapter(read_adapter(tmp))
-        except ValueError as exc:   # name the uploaded files, not our private temp folder
-            raise ValueError(str(exc).replace(f"{tmp}{os.sep}", "").replace(tmp, "the upload")) from exc
+SIMILARITY, BASE, AMPLIFICATION, INTRUDERS = (registry.get(n) for n in
+                                               ("similarity", "base_overlap", "amplification", "intruders"))
 
 
 def show_module_spectra(inputs, run: str, key: str, cache_key: tuple | None = None, head=None) -> None:
@@ -118,37 +102,283 @@ def runs_view(head) -> None:
     advice_section(inputs, label, "run_advice")
 
 
+# ---- an adapter (uploaded or typed), its optional base, and runs beside it ---------------------------------
+#
+# An adapter read here is kept in the session (KEPT, by its content hash) with its base weights, so it is still
+# there after a visit to another page, and the Subspaces page can set it beside the runs too.
+
+BASE_CHOICES = ("No base", "Upload W0 (.safetensors)", "A base on this machine (folder or .safetensors)")
+
+
+def one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def adapter_from_upload(files) -> Adapter:
+    """Write the two uploaded files to a private temp folder and read them as a PEFT adapter."""
+    by_name = {f.name: f for f in files}
+    config = next((f for n, f in by_name.items() if n.endswith(".json")), None)
+    weights = next((f for n, f in by_name.items() if n.endswith(".safetensors")), None)
+    if config is None or weights is None:
+        raise ValueError("upload both adapter_config.json and adapter_model.safetensors (got "
+                         f"{', '.join(by_name) or 'nothing'})")
+    total = sum(len(f.getvalue()) for f in files)
+    if total > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the upload is {total / 2**20:.0f} MiB: use the CLI for adapters over "
+                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
+    with scratch_dir() as tmp:
+        (Path(tmp) / "adapter_config.json").write_bytes(config.getvalue())
+        (Path(tmp) / "adapter_model.safetensors").write_bytes(weights.getvalue())
+        try:
+            return read_adapter(tmp)
+        except ValueError as exc:   # name the uploaded files, not our private temp folder
+            raise ValueError(str(exc).replace(f"{tmp}{os.sep}", "").replace(tmp, "the upload")) from exc
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
+def uploaded_adapter(digest: str, _files) -> Adapter:
+    return adapter_from_upload(_files)
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
+def folder_adapter(folder: str, version: tuple) -> tuple[Adapter, str]:
+    files = [Path(folder) / "adapter_config.json", Path(folder) / "adapter_model.safetensors"]
+    return read_adapter(folder), digest_of(*(f.read_bytes() for f in files))
+
+
+def with_base(kept: Kept, weights: dict, described: str, key: str) -> None:
+    """The adapter's updates with W0 from ``weights`` ({module: tensor}); ValueError when they do not fit."""
+    kept.updates = updates_from_adapter(kept.adapter, weights)
+    kept.base, kept.base_key = described, key
+
+
+def _fan_in_fan_out(adapter: Adapter) -> bool:
+    return bool(adapter.raw_config.get("fan_in_fan_out", False))
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the base weights…")
+def uploaded_base(digest: str, key: str, _adapter: Adapter, _data: bytes) -> dict:
+    with scratch_dir() as tmp:
+        path = Path(tmp) / "base.safetensors"
+        path.write_bytes(_data)
+        try:
+            return load_base_weights(path, adapter_shapes(_adapter), _fan_in_fan_out(_adapter))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(str(path), "the uploaded base").replace(tmp, "the upload")) from exc
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the base weights…")
+def typed_base(digest: str, path: str, version: float, _adapter: Adapter) -> dict:
+    return load_base_weights(path, adapter_shapes(_adapter), _fan_in_fan_out(_adapter))
+
+
+def base_input(kept: Kept) -> None:
+    """The optional base weights W0 of ``kept``: none, an uploaded .safetensors, or a typed path. With a base,
+    the analyses that compare ΔW with W0 run on the adapter too. A base that does not fit is one error line."""
+    choices = list(BASE_CHOICES)
+    was = choices.index(kept.base.split(":", 1)[0]) if kept.base.split(":", 1)[0] in choices else 0
+    choice = st.radio("Base weights W0 (optional: amplification, intruders, ΔW versus W0, ‖ΔW‖/‖W0‖)", choices,
+                      index=was, horizontal=True, key=f"spectra_base_src_{kept.source}",
+                      help="The weights the adapter was trained on: a .safetensors file of W0 (keys <module>.weight) "
+                           "or a Hugging Face model folder. Only the adapted modules' weights are read.")
+    if choice == BASE_CHOICES[0]:
+        if kept.base:
+            kept.updates, kept.base, kept.base_key = updates_from_adapter(kept.adapter), "", ""
+        return
+    with guarded("reading the base weights") as g:
+        if choice == BASE_CHOICES[1]:
+            upload = uploader("W0 of the adapted modules as one .safetensors file", MAX_UPLOAD_BYTES,
+                              type=["safetensors"], key=f"spectra_base_upload_{kept.source}",
+                              more="Larger bases: type their folder instead, or use the CLI (--base).")
+            if upload is None:
+                if kept.base.startswith(choice):
+                    st.caption(plain(f"Using the base uploaded earlier ({kept.base.split(': ', 1)[-1]})."))
+                else:
+                    st.info("Upload the base weights W0 (.safetensors) to compare ΔW with them.")
+                return
+            data = upload.getvalue()
+            key = digest_of(data)
+            if kept.base_key != key:
+                try:
+                    weights = uploaded_base(kept.digest, key, kept.adapter, data)
+                    with_base(kept, weights, f"{choice}: {upload.name}", key)
+                except ValueError as exc:
+                    raise ValueError(one_line(exc)) from exc
+        else:
+            earlier = kept.base.split(": ", 1)[-1] if kept.base.startswith(choice) else ""
+            typed = st.text_input("Base weights on this machine: a .safetensors file or a model folder",
+                                  value=earlier, key=f"spectra_base_path_{kept.source}", placeholder="./base-model",
+                                  help="Inside " + allowed_roots_text() + ". Safetensors only; pickled .bin files "
+                                       "are never loaded.")
+            if not typed.strip():
+                st.info("Type the base model's folder or a .safetensors file of W0.")
+                return
+            path = resolve_base_path(typed)
+            files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+            version = max(f.stat().st_mtime_ns for f in files)
+            key = f"{path}:{version}"
+            if kept.base_key != key:
+                try:
+                    weights = typed_base(kept.digest, str(path), version, kept.adapter)
+                    with_base(kept, weights, f"{choice}: {typed.strip()}", key)
+                except ValueError as exc:
+                    raise ValueError(one_line(exc)) from exc
+    if g.failed:        # the adapter is still shown, without W0
+        kept.updates, kept.base, kept.base_key = updates_from_adapter(kept.adapter), "", ""
+
+
+def adapter_inputs(kept: Kept, runs=()) -> registry.Inputs:
+    """The adapter (and ``runs`` beside it), keyed for the caches by content."""
+    return inputs_with(list(runs), {kept.label: (kept.updates, kept.key)})
+
+
+def w0_sections(kept: Kept, head) -> None:
+    """What needs W0, on the adapter: ‖ΔW‖/‖W0‖, ΔW versus W0, amplification and intruders."""
+    st.subheader("Against the base weights W0")
+    inputs = adapter_inputs(kept)
+    spectra = inputs.spectra(kept.label)
+    rel = spectra.set_index("name")["relative_norm"] if "relative_norm" in spectra.columns else None
+    if rel is not None and rel.notna().any():
+        total = relative_norm_total(spectra)
+        st.markdown(plain(f"‖ΔW‖_F / ‖W0‖_F over the {len(spectra)} adapted modules: {total:.3g} "
+                          f"(per module {rel.min():.3g} to {rel.max():.3g}; column relative_norm above)."))
+    label = kept.label
+    with guarded("comparing ΔW with W0"):
+        st.markdown(f"**{BASE.title}**")
+        st.caption(plain(BASE.question))
+        params = {"run": label}
+        widget(BASE, "module", inputs, params, "adapter_base_module")
+        overlap = result(BASE, inputs, params, kept.key)
+        chart(overlap.figures[0], key="adapter_base_overlap", how_to_read=reading(overlap, 0))
+    with guarded("computing the amplification"):
+        st.markdown(f"**{AMPLIFICATION.title}**")
+        st.caption(plain(AMPLIFICATION.question))
+        amp = result(AMPLIFICATION, inputs, {"run": label}, kept.key)
+        result_answer(amp, container=head)
+        chart(amp.figures[0], key="adapter_amp_bars", how_to_read=reading(amp, 0))
+        table(amp.value, "amplification", key="adapter_amp_table")
+    with guarded("counting intruders"):
+        st.markdown(f"**{INTRUDERS.title}**")
+        st.caption(plain(INTRUDERS.question))
+        params = {}
+        widget(INTRUDERS, "k", inputs, params, "adapter_intr_k", max_value=50)
+        intr = result(INTRUDERS, inputs, params, kept.key)
+        result_answer(intr, container=head)
+        show(intr, "adapter_intr", tables=False)
+        table(intr.tables[1][1], "intruders-per-module", key="adapter_intr_modules")
+
+
+def shares_modules(kept: Kept, run) -> bool:
+    return not module_names_for(run).isdisjoint(kept.updates)
+
+
+def compare_section(kept: Kept) -> None:
+    """The adapter beside runs of the store: φ between it and a chosen run, and the spectra across ranks."""
+    st.subheader("Compare with runs")
+    runs = [r for r in completed(all_runs()) if shares_modules(kept, r)]
+    if not runs:
+        st.caption(plain(f"No completed run of the store adapts a module named as the adapter's "
+                         f"({', '.join(list(kept.updates)[:4])}{' …' if len(kept.updates) > 4 else ''}): nothing "
+                         "to compare it with."))
+        return
+    labels = {run_label(r): r for r in runs}
+    chosen = st.multiselect("Runs beside the adapter", list(labels), default=list(labels)[:1],
+                            key="adapter_cmp_runs", max_selections=24,
+                            help="Runs of the store that adapt modules of the same names")
+    if not chosen:
+        st.info("Choose a run to compare the adapter with.", icon=":material/info:")
+        return
+    inputs = adapter_inputs(kept, [labels[c] for c in chosen])
+    key = inputs_key(inputs)
+    with guarded("comparing the adapter with the run"):
+        st.markdown(f"**{SIMILARITY.title}**")
+        st.caption(plain(SIMILARITY.question))
+        reason = SIMILARITY.skip_reason(inputs)
+        if reason:
+            st.caption(plain(f"{reason[0].upper()}{reason[1:]}."))
+        else:
+            params = {"first": kept.label}
+            c = st.columns(3)
+            c[0].markdown(plain(f"First: {kept.label}"))
+            widget(SIMILARITY, "second", inputs, params, "adapter_sub_b", container=c[1])
+            widget(SIMILARITY, "side", inputs, params, "adapter_sub_side", container=c[2])
+            widget(SIMILARITY, "module", inputs, params, "adapter_sub_module")
+            res = result(SIMILARITY, inputs, params, key)
+            result_answer(res)
+            left, right = st.columns([3, 2])
+            with left:
+                chart(res.figures[0], key="adapter_phi", how_to_read=reading(res, 0))
+            with right:
+                table(res.tables[0][1], "subspace-similarity", key="adapter_phi_table")
+    with guarded("comparing the spectra"):
+        st.markdown(f"**{SWEEP.title}**")
+        reason = SWEEP.skip_reason(inputs)
+        if reason:
+            st.caption(plain(f"{reason[0].upper()}{reason[1:]}."))
+        else:
+            params = {}
+            widget(SWEEP, "module", inputs, params, "adapter_sweep_module")
+            res = result(SWEEP, inputs, params, key)
+            chart(res.figures[0], key="adapter_sweep_chart", how_to_read=reading(res, 0))
+            if res.text:
+                st.caption(plain(res.text))
+    if kept.base and INTRUDERS.skip_reason(inputs) is None:
+        with guarded("counting intruders"):
+            st.markdown(f"**{INTRUDERS.title}: the adapter beside the runs**")
+            res = result(INTRUDERS, inputs, {}, key)
+            show(res, "adapter_cmp_intr", tables=False)
+            table(res.tables[0][1], "intruders-per-run", key="adapter_cmp_intr_table")
+
+
+def adapter_view(kept: Kept, head) -> None:
+    """Everything the page shows for one adapter: spectra, rank advice, with a base what needs W0, and the
+    comparison with runs."""
+    modules = kept.adapter.modules
+    st.success(f"{len(modules)} adapted modules, ranks {sorted({int(m.rank) for m in modules.values()})}.")
+    base_input(kept)
+    inputs = adapter_inputs(kept)
+    with guarded("computing the spectra"):
+        show_module_spectra(inputs, kept.label, kept.source, kept.key, head=head)
+    advice_section(inputs, kept.label, f"{kept.source}_advice", kept.key)
+    if kept.base:
+        w0_sections(kept, head)
+    else:
+        st.caption("Give the base weights W0 above to see ‖ΔW‖/‖W0‖, ΔW versus W0, amplification and intruder "
+                   "dimensions for this adapter.")
+    compare_section(kept)
+
+
+def latest_kept(source: str) -> Kept | None:
+    found = [k for k in kept_adapters().values() if k.source == source]
+    return found[-1] if found else None
+
+
 def upload_view(head) -> None:
     files = uploader("A PEFT adapter: adapter_config.json and adapter_model.safetensors (safetensors and JSON only; "
                      "pickled .bin files are never loaded)", MAX_UPLOAD_BYTES, type=["json", "safetensors"],
                      what="for the two files together", key="spectra_upload", accept_multiple_files=True,
                      more="Larger adapters: python -m lora_analysis spectra ADAPTER_FOLDER.")
     if not files:
-        st.info("Upload the two files of any PEFT LoRA adapter (ours or one PEFT saved).")
-        return
-    digest = "|".join(f"{f.name}:{f.size}:{f.file_id}" for f in files)    # identifies the upload for the caches
-    with guarded("reading the adapter") as g:
-        inputs = registry.Inputs.from_updates({"upload": uploaded_updates(digest, files)})
-        spectra = inputs.spectra("upload")
-    if g.failed:
-        return
-    st.success(f"{len(spectra)} adapted modules, ranks {sorted(set(int(r) for r in spectra['rank']))}.")
-    show_module_spectra(inputs, "upload", "upload", ("upload", digest), head=head)
-    advice_section(inputs, "upload", "upload_advice", ("upload", digest))
-
-
-@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
-def uploaded_updates(digest: str, _files) -> dict:
-    return adapter_from_upload(_files)
-
-
-@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
-def folder_updates(folder: str, version: tuple) -> dict:
-    return updates_from_adapter(read_adapter(folder))
+        kept = latest_kept("upload")       # the upload of an earlier visit to this page, kept in the session
+        if kept is None:
+            st.info("Upload the two files of any PEFT LoRA adapter (ours or one PEFT saved).")
+            return
+        st.caption(plain(f"Showing the adapter uploaded earlier in this session ({kept.label}); upload another to "
+                         "replace it."))
+    else:
+        with guarded("reading the adapter") as g:
+            digest = digest_of(*(f.getvalue() for f in sorted(files, key=lambda f: f.name)))
+            adapter = uploaded_adapter(digest, files)
+            kept = keep(Kept("upload", digest, "upload", adapter))
+        if g.failed:
+            return
+    adapter_view(kept, head)
 
 
 def folder_view(head) -> None:
+    earlier = latest_kept("folder")
     typed = st.text_input("Adapter folder on this machine (adapter_config.json and adapter_model.safetensors)",
+                          value=earlier.typed if earlier is not None else "",
                           key="spectra_folder", placeholder="./my-adapter",
                           help="A PEFT adapter folder inside " + allowed_roots_text() + ". Safetensors and JSON "
                                "only; pickled .bin files are never loaded.")
@@ -165,14 +395,11 @@ def folder_view(head) -> None:
             raise ValueError(f"the adapter folder '{typed.strip()}' holds no adapter_config.json and "
                              "adapter_model.safetensors")
         version = tuple(f.stat().st_mtime_ns for f in files)       # a rewritten adapter is read again
-        inputs = registry.Inputs.from_updates({"folder": folder_updates(str(folder), version)})
-        spectra = inputs.spectra("folder")
+        adapter, digest = folder_adapter(str(folder), version)
+        kept = keep(Kept(folder.name or "folder", digest, "folder", adapter, typed=typed.strip()))
     if g.failed:
         return
-    key = ("folder", str(folder), version)
-    st.success(f"{len(spectra)} adapted modules, ranks {sorted(set(int(r) for r in spectra['rank']))}.")
-    show_module_spectra(inputs, "folder", "folder", key, head=head)
-    advice_section(inputs, "folder", "folder_advice", key)
+    adapter_view(kept, head)
 
 
 def page() -> None:
@@ -181,8 +408,12 @@ def page() -> None:
     st.caption("Singular values of the learned update ΔW per module. LoRA updates are never formed densely: "
                "QR of B and Aᵀ and an r×r SVD give the same values and directions. Full fine-tuning's "
                "ΔW = W_ft − W0 is dense.")
-    source = st.radio("Source", ["Runs in the store", "Upload a PEFT adapter", "An adapter folder on this machine"],
-                      horizontal=True, key="spectra_src")
+    sources = ["Runs in the store", "Upload a PEFT adapter", "An adapter folder on this machine"]
+    # back from another page, the page opens on the source last shown (an adapter of this session stays there)
+    last = st.session_state.get("_spectra_src_last", sources[0])
+    source = st.radio("Source", sources, index=sources.index(last) if last in sources else 0, horizontal=True,
+                      key="spectra_src")
+    st.session_state["_spectra_src_last"] = source
     if source == "Runs in the store":
         runs_view(head)
     elif source == "Upload a PEFT adapter":

@@ -4,11 +4,12 @@ amplification and intruders: the report shows the same)."""
 
 import streamlit as st
 
-from dashboard.analyses import inputs_for, result, show, widget
+from dashboard.analyses import inputs_with, result, show, widget
 from dashboard.common import (answers_box, chart, download_csv, guarded, next_question, page_question, question,
                               reading, result_answer, table)
 from dashboard.jobs_ui import job_panel
-from dashboard.runs import all_runs, completed, empty_store_message, follow_default, latest_sweep, run_label, spread
+from dashboard.runs import (all_runs, completed, empty_store_message, follow_default, kept_adapters, latest_sweep,
+                            run_label, spread)
 from dashboard.plain_text import plain
 from lora_analysis import jobs
 from lora_analysis.analysis import registry
@@ -39,13 +40,26 @@ def sweep_text(runs, shown) -> str:
             f"one SVD per module); add others above, up to {MAX_RUNS}.")
 
 
-def similarity_section(runs, head) -> None:
+def adapters_beside() -> dict:
+    """Adapters read on the Spectra page in this session, to set beside the runs: {label: (updates, key)}.
+    The user may leave any of them out."""
+    kept = {k.label: k for k in kept_adapters().values()}
+    if not kept:
+        return {}
+    chosen = st.multiselect("Adapters from the Spectra page (uploaded or typed there, with their base if given)",
+                            list(kept), default=list(kept), key="sub_adapters",
+                            help="Each appears as one more subject beside the runs: φ with any run, ΔW versus "
+                                 "W0 and intruders when its base was given")
+    return {label: (kept[label].updates, kept[label].key) for label in chosen}
+
+
+def similarity_section(runs, head, extra=None) -> None:
     st.subheader(SIMILARITY.title)
     st.caption(plain(SIMILARITY.question))
-    if len(runs) < 2:
+    if len(runs) + len(extra or {}) < 2:
         st.info("φ compares two runs: add a second run.")
         return
-    inputs = inputs_for(runs)
+    inputs = inputs_with(runs, extra)
     labels = {run_label(r): r for r in runs}
     lora = [n for n in labels if labels[n].method == "lora"]
     with guarded("comparing the two runs") as g:
@@ -69,9 +83,9 @@ def similarity_section(runs, head) -> None:
         with st.expander("Seed versus seed"):
             st.write("Two runs of the same rank from different seeds show how much of a LoRA subspace is "
                      "reproducible. Add a second-seed run of the chosen first run:")
-            is_lora = labels[first].method == "lora"
+            is_lora = first in labels and labels[first].method == "lora"     # an adapter has no run to repeat
             if st.button("Run it with seed 1", key="sub_seed", disabled=not is_lora,
-                         help=None if is_lora else "choose a LoRA run as the first run"):
+                         help=None if is_lora else "choose a LoRA run of the store as the first run"):
                 cfg = labels[first].config
                 # everything as in the first run but the seed, so the two are comparable
                 common = {k: v for k, v in cfg.items()
@@ -85,10 +99,10 @@ def similarity_section(runs, head) -> None:
                 job_panel(st.session_state["sub_job"])
 
 
-def base_section(runs, head) -> None:
+def base_section(runs, head, extra=None) -> None:
     st.subheader(BASE.title)
     st.caption(plain(f"{BASE.question} {AMPLIFICATION.question}"))
-    inputs = inputs_for(runs)
+    inputs = inputs_with(runs, extra)
     with guarded("comparing ΔW with W0") as g:
         reason = BASE.skip_reason(inputs)
         if reason:
@@ -114,17 +128,17 @@ def base_section(runs, head) -> None:
         download_csv(amp.value, "amplification", key="amp_frame")
 
 
-def intruder_section(runs, head) -> None:
+def intruder_section(runs, head, extra=None) -> None:
     st.subheader(INTRUDERS.title)
     st.caption(plain(INTRUDERS.question))
     newest = latest_sweep(runs)
     default = spread(newest, DEFAULT_RUNS)
     chosen = choose_runs(runs, default, "intr_runs", "Runs compared", "Each run costs one SVD per module")
     st.caption(plain(sweep_text(newest, default)))
-    if not chosen:
+    if not chosen and not extra:
         st.info("Choose at least one run.", icon=":material/info:")
         return
-    inputs = inputs_for(chosen)
+    inputs = inputs_with(chosen, extra)
     with guarded("counting intruders"):
         reason = INTRUDERS.skip_reason(inputs)
         if reason:
@@ -155,9 +169,10 @@ def page() -> None:
                              "The choices of the two sections below")
         if len(runs) > DEFAULT_RUNS:
             st.caption(plain(sweep_text(latest_sweep(runs), default)))
-    similarity_section(chosen, head)
-    base_section(chosen, head)
-    intruder_section(runs, head)
+        extra = adapters_beside()
+    similarity_section(chosen, head, extra)
+    base_section(chosen, head, extra)
+    intruder_section(runs, head, extra)
     next_question("merge", "Next: is my merged model the same model? (Merge equivalence)")
 
 

@@ -40,7 +40,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 16 * 2**20      # an adapter_config.json is a few KiB
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
 def _compact_targets(model: nn.Module, chosen: list[str]) -> list[str]:
@@ -289,7 +289,7 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m:
             factors.setdefault(m["module"], {})[m["which"]] = value
         elif "lora_" in key:
