@@ -264,8 +264,6 @@ class Findings:
         parts = [f"{len(by[v])} {v} ({'; '.join(by[v])})" for v in VERDICTS if by[v]]
         text = (f"On {self.model} ({len(self.runs)} runs), of the {len(self.findings)} published claims: "
                 + ", ".join(parts) + ".")
-        if self.note:
-            text += f" {self.note}"
         rule = ("Each claim's verdict comes from its own rule, written in the code and shown under the claim; "
                 "the answer counts the verdicts.")
         return text, rule
