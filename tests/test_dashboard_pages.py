@@ -825,12 +825,7 @@ def test_the_report_shows_what_the_page_shows(demo, name):
         if title(spec).startswith(TIMED):
             assert [(d["name"], d["x"]) for d in page["data"]] == [(d["name"], d["x"]) for d in spec["data"]]
         else:
-            layout = page["layout"]
-            if any(d.get("type") == "table" for d in spec["data"]) and "height" not in spec["layout"]:
-                # the page fits a plotly table's height to its rows (else a gap shows under it)
-                layout = {k: v for k, v in layout.items() if k not in ("height", "margin")}
-                spec["layout"] = {k: v for k, v in spec["layout"].items() if k not in ("height", "margin")}
-            assert same_figure_data(page["data"], spec["data"]) and layout == spec["layout"], title(spec)
+            assert same_figure_data(page["data"], spec["data"]) and page["layout"] == spec["layout"], title(spec)
     if not section.figures:                      # a table-only analysis (rank advice): its table and code
         (caption, table), = section.tables
         (page,) = [d.value for d in at.dataframe if list(d.value.columns) == list(table.columns)]

@@ -9,11 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from lora_analysis import runstore
+from tests.test_dashboard_pages import open_page
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 RECORD = {"format_version": 1, "id": "20250101-000000-abcdef01", "name": "shared", "sweep_id": None,
           "status": "failed", "created": 1.7e9, "finished": 1.7e9 + 5, "config": {"model": "mlp-digits",
           "method": "lora", "rank": 2, "alpha": 4.0, "targets": ["fc1"]}, "metrics": {"val_loss": 0.5},
@@ -29,16 +28,8 @@ def _bundle(record: dict) -> bytes:
     return out.getvalue()
 
 
-def _page(name: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page(f"views/{name}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def test_an_imported_name_is_shown_as_text_not_markdown(lora_home):
-    at = _page("reports")
+    at = open_page("reports")
     upload = ("shared.zip", _bundle({**RECORD, "name": MARKDOWN_NAME}), "application/zip")
     at.file_uploader(key="rep_import").set_value(upload).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -49,14 +40,14 @@ def test_an_imported_name_is_shown_as_text_not_markdown(lora_home):
 
 
 @pytest.mark.parametrize("page", ["finetune", "rank_alpha"])
-def test_a_damaged_run_in_the_store_never_breaks_a_page(lora_home, page):
+def test_a_damaged_run_in_the_store_never_breaks_aopen_page(lora_home, page):
     runstore.import_run(_write(lora_home / "ok.zip", _bundle(RECORD)))
     root = lora_home / "runs"
     for i, change in enumerate([{"metrics": [1, 2]}, {"config": {"targets": 5}}, {"created": 1e300}]):
         d = root / f"20240101-00000{i}-bad0000{i}"
         d.mkdir()
         (d / "run.json").write_text(json.dumps({**RECORD, "id": d.name, "status": "completed", **change}))
-    at = _page(page)
+    at = open_page(page)
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     if page == "finetune":
         table = at.dataframe[0].value
