@@ -358,3 +358,14 @@ def test_the_evidence_charts_fit_their_data_and_escape_names(small_sweep, monkey
         assert raw_markup(fig) == []
     for f in result.findings:
         assert len(f.readings) == len(f.figures) and all(f.readings)       # each chart says how to read it
+
+
+def test_an_intruder_chart_without_any_intruder_still_has_a_scale():
+    # seen on MiniLM: every count 0, and plotly invented a -1…1 axis around it
+    import pandas as pd
+
+    from lora_analysis.plots.checks import axis_problems
+
+    counts = pd.DataFrame({"label": ["LoRA r=4", "full FT"], "method": ["lora", "full"], "rank": [4, 0],
+                           "module": ["q", "q"], "intruders": [0, 0]})
+    assert axis_problems(F.plot_intruders(counts, "none")) == []

@@ -579,6 +579,7 @@ def plot_intruders(counts: pd.DataFrame, title: str) -> go.Figure:
                     marker_color=COLORS["full"] if full else SEQUENCE[(i + 2) % len(SEQUENCE)])
     fig.update_layout(barmode="group", xaxis={"title": "module"},
                       yaxis={"title": f"intruders among the top {intruders.DEFAULT_K} (ε={intruders.DEFAULT_EPSILON:g})"})
+    bounded_axis(fig, "y", 0, intruders.DEFAULT_K)     # a count of the top k: none at all still reads as 0 of k
     return apply_style(fig, title)
 
 
