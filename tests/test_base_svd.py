@@ -53,6 +53,32 @@ def test_iteration_that_does_not_converge_falls_back_to_the_exact_svd(monkeypatc
         intruder_dimensions(u, method="fast")
 
 
+def test_the_top_k_of_an_adapter_is_cached_and_a_changed_adapter_misses_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "TRUNCATE_MIN", 0)
+    u = _update(1, strength=0.3)
+    first = bs.top_left_singular(u, 10, device="cpu", cache=True, directory=tmp_path)
+    assert first.method == "truncated" and len(list(tmp_path.glob("topk-*.safetensors"))) == 1
+
+    def no_iteration(*args, **kwargs):
+        raise AssertionError("iterated although the answer was cached")
+    with monkeypatch.context() as m:
+        m.setattr(bs, "_iterate", no_iteration)
+        again = bs.top_left_singular(u, 10, device="cpu", cache=True, directory=tmp_path)
+    assert torch.equal(again.U, first.U) and torch.equal(again.S, first.S) and again.method == "truncated"
+    changed = ModuleUpdate("m", w0=u.w0, lora_A=u.lora_A, lora_B=u.lora_B * 1.5, scaling=u.scaling)
+    other = bs.top_left_singular(changed, 10, device="cpu", cache=True, directory=tmp_path)
+    assert not torch.equal(other.S, first.S) and len(list(tmp_path.glob("topk-*.safetensors"))) == 2
+
+
+def test_a_wide_w0_gets_the_same_svd_through_its_transpose():
+    w0 = torch.randn(30, 70, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = bs.base_svd(w0, cache=False, device="cpu")
+    ref = torch.linalg.svd(w0, full_matrices=False)
+    assert got.U.shape == (30, 30)
+    torch.testing.assert_close(got.S, ref.S)
+    torch.testing.assert_close((got.U.T @ ref.U).abs(), torch.eye(30, dtype=torch.float64))   # same vectors, ± sign
+
+
 def test_base_svd_is_cached_by_content(tmp_path):
     w0 = torch.randn(40, 30, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     first = bs.base_svd(w0, cache=True, directory=tmp_path, device="cpu")

@@ -111,7 +111,7 @@ def intruder_dimensions(update: ModuleUpdate, k: int = DEFAULT_K, epsilon: float
     if method == "exact":
         top = exact_top_left_singular(fine_tuned_weight(update), k, device=device)
     else:
-        top = top_left_singular(update, k, device=device, base_u=base.U)
+        top = top_left_singular(update, k, device=device, base_u=base.U, cache=cache)
     return IntruderResult(update.name, update.kind, max_cosines(base.U, top.U), float(epsilon))
 
 

@@ -138,14 +138,22 @@ class Inputs:
         return self._subjects[label]
 
     def updates(self, label: str) -> Mapping[str, ModuleUpdate]:
-        """{module: ModuleUpdate} of one subject (W0 may be None for adapters without base weights)."""
+        """{module: ModuleUpdate} of one subject (W0 may be None for adapters without base weights). A
+        :class:`~lora_analysis.analysis.sources.StreamedUpdates` subject reads each W0 when its update is
+        asked for: the analyses against W0 loop over ``values()`` holding one update at a time."""
         if label not in self._updates:
             subject = self._subject(label)
             self._updates[label] = self._load(subject) if isinstance(subject, runstore.Run) else subject
         return self._updates[label]
 
+    def factors(self, label: str) -> Mapping[str, ModuleUpdate]:
+        """The updates as far as the analyses of ΔW alone need them: a streamed subject's without W0 (nothing
+        read), any other's as :meth:`updates` gives them (a full fine-tuning run needs W0 to form ΔW)."""
+        updates = self.updates(label)
+        return updates.factors() if callable(getattr(updates, "factors", None)) else updates
+
     def spectra(self, label: str) -> pd.DataFrame:
-        """:func:`lora_analysis.analysis.spectra_frame` of one subject."""
+        """:func:`lora_analysis.analysis.spectra_frame` of one subject (its rows one update at a time)."""
         if label not in self._spectra:
             run = self.run(label)
             self._spectra[label] = (self._spectra_of(run) if run is not None and self._spectra_of is not None
@@ -167,7 +175,7 @@ class Inputs:
         run = self.run(label)
         if run is not None:
             return run.method
-        return "full" if any(u.kind == "full" for u in self.updates(label).values()) else "lora"
+        return "full" if any(u.kind == "full" for u in self.factors(label).values()) else "lora"
 
     def rank(self, label: str) -> int | None:
         """The run's configured rank (largest module rank for an adapter); None for full fine-tuning."""
@@ -176,7 +184,7 @@ class Inputs:
         run = self.run(label)
         if run is not None and run.config.get("rank") is not None:
             return int(run.config["rank"])
-        return max((u.rank or 0 for u in self.updates(label).values()), default=0)
+        return max((u.rank or 0 for u in self.factors(label).values()), default=0)
 
     def model(self, label: str) -> str | None:
         run = self.run(label)
@@ -184,6 +192,8 @@ class Inputs:
 
     def has_w0(self, label: str) -> bool:
         updates = self.updates(label)
+        if isinstance(getattr(updates, "has_w0", None), bool):      # streamed: known without reading W0
+            return bool(updates) and updates.has_w0
         return bool(updates) and all(u.w0 is not None for u in updates.values())
 
 
@@ -788,7 +798,7 @@ def _rslora_of(inputs: Inputs, label: str) -> bool:
 
 
 def _rank_advice(inputs: Inputs, p: dict) -> RankAdvice:
-    updates = inputs.updates(p["run"])
+    updates = inputs.factors(p["run"])
     advice = rank_advice.rank_advice(updates, energy=p["energy"], max_rank=p["max_rank"])
     scalings = rank_advice.trained_scalings(updates)
     rslora = _rslora_of(inputs, p["run"])
@@ -912,7 +922,7 @@ class Similarity:
 
 
 def _similarity(inputs: Inputs, p: dict) -> Similarity:
-    results = similarity.adapter_similarity(inputs.updates(p["first"]), inputs.updates(p["second"]), p["side"])
+    results = similarity.adapter_similarity(inputs.factors(p["first"]), inputs.factors(p["second"]), p["side"])
     return Similarity(results, similarity.similarity_summary_frame(results))
 
 

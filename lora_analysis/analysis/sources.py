@@ -6,22 +6,28 @@ a Hugging Face model folder (single file or sharded) or a hub id (the local cach
 in the storage floor (:mod:`lora_analysis.store.base_weights`), which the run store shares.
 
 :func:`load_updates` holds every adapted module's W0 at once (fine for small models); :func:`iter_updates`
-yields the updates one by one, each with its W0 read just then, for analyses over a large base.
+yields the updates one by one, each with its W0 read just then, for analyses over a large base;
+:class:`StreamedUpdates` is the same as a ``{module: ModuleUpdate}`` mapping whose W0 is read each time an
+update is asked for (what the registry's analyses and the report take, one module's W0 alive at a time).
+
+An adapter is a PEFT folder or one ``.safetensors`` file in the kohya / diffusers / loralib format
+(:mod:`lora_analysis.lora.formats`); ``alpha`` is for files that store none.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from ..lora.adapter_io import Adapter
-from ..store.base_weights import BaseSource, Shapes, iter_base_weights, load_base_weights, open_base, orient_out_in
+from ..store.base_weights import (BaseReader, BaseSource, Shapes, iter_base_weights, load_base_weights, open_base,
+                                  orient_out_in)
 from ..weights import ModuleUpdate
 
-__all__ = ["BaseSource", "Shapes", "adapter_shapes", "iter_updates", "load_base_weights", "load_updates", "open_base",
-           "orient_out_in", "updates_from_adapter"]
+__all__ = ["BaseSource", "Shapes", "StreamedUpdates", "adapter_shapes", "iter_updates", "load_base_weights",
+           "load_updates", "open_base", "orient_out_in", "updates_from_adapter"]
 
 
 def adapter_shapes(adapter: Adapter) -> dict[str, tuple[int, int]]:
@@ -51,16 +57,20 @@ def updates_from_adapter(adapter: Adapter, base_weights: Mapping[str, torch.Tens
     return updates
 
 
-def load_updates(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None
-                 ) -> tuple[Adapter, dict[str, ModuleUpdate]]:
-    """Read an adapter directory (and its base weights when ``base`` is given) into updates."""
+def _fan_in_fan_out(adapter: Adapter) -> bool:
+    return bool(adapter.raw_config.get("fan_in_fan_out", False))
+
+
+def load_updates(adapter_dir: str | os.PathLike | Adapter, base: str | os.PathLike | BaseSource | None = None,
+                 alpha: float | None = None) -> tuple[Adapter, dict[str, ModuleUpdate]]:
+    """Read an adapter (folder or file; see :func:`~lora_analysis.lora.adapter_io.read_adapter`) and, when
+    ``base`` is given, every adapted module's W0 at once into updates."""
     from ..lora.adapter_io import read_adapter
 
-    adapter = read_adapter(adapter_dir)
+    adapter = adapter_dir if isinstance(adapter_dir, Adapter) else read_adapter(adapter_dir, alpha)
     base_weights = None
     if base is not None:
-        base_weights = load_base_weights(base, adapter_shapes(adapter),
-                                         bool(adapter.raw_config.get("fan_in_fan_out", False)))
+        base_weights = load_base_weights(base, adapter_shapes(adapter), _fan_in_fan_out(adapter))
     return adapter, updates_from_adapter(adapter, base_weights)
 
 
@@ -75,10 +85,53 @@ def iter_updates(adapter: Adapter | str | os.PathLike, base: str | os.PathLike |
     from ..lora.adapter_io import read_adapter
 
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
-    for name, w0 in iter_base_weights(base, adapter_shapes(adapter),
-                                      bool(adapter.raw_config.get("fan_in_fan_out", False)), revision):
+    for name, w0 in iter_base_weights(base, adapter_shapes(adapter), _fan_in_fan_out(adapter), revision):
         module = adapter.modules[name]
         update = ModuleUpdate(name, w0=w0, lora_A=module.lora_A, lora_B=module.lora_B, scaling=module.scaling)
         del w0                      # the caller's update is the only holder while the next W0 is read
         yield update
         del update
+
+
+class StreamedUpdates(Mapping):
+    """``{module: ModuleUpdate}`` of an adapter against a base whose W0 is read each time an update is asked
+    for (``updates[name]``, ``updates.values()``): a loop over ``values()`` that keeps only the current update
+    holds one module's W0 at a time (two while the next is read), whatever the model's size. Keys are
+    matched and shapes checked when it is made, before any W0 is read.
+
+    ``has_w0`` is True without reading anything; :meth:`factors` gives the updates without W0 (what the
+    spectra, similarity and rank analyses need). Each pass over ``values()`` reads W0 again from the files
+    (a memory map: the OS cache makes a second pass cheap; base SVDs are cached on disk by content).
+    """
+
+    has_w0 = True
+
+    def __init__(self, adapter: Adapter | str | os.PathLike, base: str | os.PathLike | BaseSource,
+                 revision: str | None = None, alpha: float | None = None) -> None:
+        from ..lora.adapter_io import read_adapter
+
+        self.adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter, alpha)
+        self.reader = BaseReader(base, adapter_shapes(self.adapter), _fan_in_fan_out(self.adapter), revision)
+        self.source = self.reader.source
+
+    def _update(self, name: str, w0: torch.Tensor | None) -> ModuleUpdate:
+        module = self.adapter.modules[name]
+        return ModuleUpdate(name, w0=w0, lora_A=module.lora_A, lora_B=module.lora_B, scaling=module.scaling)
+
+    def __getitem__(self, name: str) -> ModuleUpdate:
+        if name not in self.adapter.modules:
+            raise KeyError(name)
+        return self._update(name, self.reader.read(name))
+
+    def __contains__(self, name) -> bool:          # Mapping's default would read W0 to answer
+        return name in self.adapter.modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.adapter.modules)
+
+    def __len__(self) -> int:
+        return len(self.adapter.modules)
+
+    def factors(self) -> dict[str, ModuleUpdate]:
+        """The updates without W0 (A, B and scaling only: nothing is read)."""
+        return {name: self._update(name, None) for name in self.adapter.modules}

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..weights import ModuleUpdate, as_update_list
+from ..weights import ModuleUpdate
 
 DENSE_FLOAT64_MAX = 2048 * 2048
 
@@ -295,7 +295,8 @@ def spectra_frame(updates: Mapping[str, ModuleUpdate] | Iterable[ModuleUpdate]) 
     scaled ΔW (a list, descending), ``w0_norm`` = ‖W0‖_F and ``relative_norm`` = ‖ΔW‖_F / ‖W0‖_F (both nan
     when the update has no W0; the papers' settings give about 0.1). Over all modules together:
     :func:`relative_norm_total`."""
-    rows = [module_spectrum_row(u) for u in as_update_list(updates)]
+    # one update at a time: a streamed mapping reads each module's W0 only while its row is computed
+    rows = [module_spectrum_row(u) for u in (updates.values() if isinstance(updates, Mapping) else updates)]
     return pd.DataFrame(rows, columns=SPECTRA_COLUMNS)
 
 

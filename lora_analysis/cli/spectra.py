@@ -1,10 +1,16 @@
 """``python -m lora_analysis spectra`` and ``similarity``: what an adapter learned, from its files alone.
 
-    spectra RUN_OR_ADAPTER [--base MODEL_OR_WEIGHTS] [--json] [--html report.html] [--runs-dir DIR]
+    spectra RUN_OR_ADAPTER [--base MODEL_OR_WEIGHTS] [--device cuda] [--alpha A] [--json] [--html report.html]
     similarity RUN_OR_ADAPTER RUN_OR_ADAPTER [--side A|input|output] [--json] [--runs-dir DIR]
 
-RUN_OR_ADAPTER: a run of the run store (id, unique id prefix, name, or its folder) or a PEFT adapter folder
-(:mod:`.subjects`). A run brings its own base weights when it kept them (the built-in models do).
+RUN_OR_ADAPTER: a run of the run store (id, unique id prefix, name, or its folder), a PEFT adapter folder, or
+one adapter .safetensors file in the kohya / diffusers / loralib format (:mod:`.subjects`,
+:mod:`lora_analysis.lora.formats`). A run brings its own base weights when it kept them (the built-in models do).
+
+With a base, ``--json`` gives per module the adapter's metrics and, beside them, ``w0_fro``, ``relative_norm``
+(‖ΔW‖_F/‖W0‖_F), ``amplification`` and the intruder test at ``--k``/``--epsilon`` (``intruders``,
+``intruder_indices``, ``min_max_cos``), all from one streamed pass (one module's W0 at a time); the frames
+``relative_norms``, ``amplification`` and ``intruders`` hold the full rows.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from .subjects import Subject, load_subject_updates, resolve
 
 NEEDS_BASE = ("amplification and intruder dimensions were skipped: both compare ΔW with the base weights W0, "
               "which an adapter does not contain; pass --base MODEL_DIR_OR_WEIGHTS.safetensors to include them")
+KOHYA_BASE = (" (kohya module names such as lora_unet_... / lora_te_... name no Hugging Face model: give the "
+              "UNet's or the text encoder's own .safetensors file or folder, whose keys are matched by their path "
+              "with dots read as underscores)")
 # the registry's entries this command shows, with their registered defaults
 SPECTRA, AMPLIFICATION, INTRUDERS = (registry.get(n) for n in ("spectra", "amplification", "intruders"))
 DEFAULT_K, DEFAULT_EPSILON = INTRUDERS.param("k").default, INTRUDERS.param("epsilon").default
@@ -42,7 +51,11 @@ examples:
       the same, plus an offline HTML report
   %(prog)s path/to/adapter --base path/to/base-model --json
       any PEFT adapter folder (adapter_config.json + adapter_model.safetensors), with the base model's
-      folder or a .safetensors file of W0, as one JSON object
+      folder, a hub id in the local cache or a .safetensors file of W0, as one JSON object
+  %(prog)s my_lora.safetensors --base unet/diffusion_pytorch_model.safetensors
+      a kohya / diffusers Stable-Diffusion LoRA file (lora_down/lora_up/alpha), against the UNet's weights
+  %(prog)s loralib_state.safetensors --alpha 16
+      a loralib state dict (lora_A/lora_B): it stores no alpha, so say the one it was trained with
 where runs keep their files (lora-analysis runs show RUN prints them):
   {root}/RUN_ID/adapter                    the LoRA adapter, PEFT format
   {root}/RUN_ID/base_weights.safetensors   W0 of the adapted modules (small models)
@@ -55,8 +68,9 @@ examples:
   %(prog)s path/to/adapter_seed0 path/to/adapter_seed1 --side output --json
       two PEFT adapter folders, compared by ΔW's output directions, as JSON"""
 
-RUN_OR_ADAPTER = ("a run of the run store (its id, a unique id prefix, its name or its folder) or a PEFT adapter "
-                  "folder (adapter_config.json + adapter_model.safetensors)")
+RUN_OR_ADAPTER = ("a run of the run store (its id, a unique id prefix, its name or its folder), a PEFT adapter "
+                  "folder (adapter_config.json + adapter_model.safetensors), or one adapter .safetensors file "
+                  "(kohya/diffusers lora_down/lora_up, PEFT-style lora_A/lora_B keys, or loralib lora_A/lora_B)")
 
 
 def _examples(text: str) -> str:
@@ -65,7 +79,8 @@ def _examples(text: str) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spectra", help=help_for("spectra"), epilog=_examples(SPECTRA_EXAMPLES),
-                       description="Analyse a PEFT LoRA adapter directory: the singular spectrum of ΔW = s·B·A per "
+                       description="Analyse a LoRA adapter (a PEFT folder, or a kohya/diffusers/loralib "
+                                   ".safetensors file): the singular spectrum of ΔW = s·B·A per "
                                    "module (computed factored, never dense), norms, stable/effective rank, "
                                    "rank for 90/99 percent energy; with --base also amplification (LoRA paper "
                                    "Table 7) and intruder dimensions.")
@@ -79,6 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"intruders: top-k singular vectors (default {DEFAULT_K})")
     p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                    help=f"intruders: cosine threshold (default {DEFAULT_EPSILON})")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="for an adapter file that stores no alpha (loralib; kohya/diffusers files without "
+                        "'.alpha' tensors): the alpha it was trained with, scaling alpha/r (default: alpha = r, "
+                        "scaling 1, said in the output)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="where W0's SVDs run (default auto: a GPU when present); each module's base SVD is "
                         "cached on disk, so a second adapter on the same base skips it")
@@ -111,6 +130,27 @@ def _records(frame: pd.DataFrame, columns: list[str] | None = None) -> list[dict
     return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
+BASE_FIELDS = {"norms": ["w0_fro", "relative"], "amplification": ["amplification"],
+               "intruders": ["intruders", "intruder_indices", "min_max_cos"]}
+
+
+def _module_records(frame: pd.DataFrame, norms, amp, intr) -> list[dict]:
+    """One record per module: the adapter metrics, plus (with a base) ‖W0‖_F, ‖ΔW‖_F/‖W0‖_F, amplification and
+    the intruder test beside them."""
+    records = _records(frame, JSON_COLUMNS)
+    if norms is None:
+        return records
+    by_name = {}
+    for what, table in (("norms", norms), ("amplification", amp), ("intruders", intr)):
+        for row in _records(table[["name"] + BASE_FIELDS[what]]):
+            by_name.setdefault(row.pop("name"), {}).update(row)
+    for record in records:
+        extra = by_name.get(record["name"], {})
+        record.update({"w0_fro": extra.get("w0_fro"), "relative_norm": extra.get("relative"),
+                       **{k: extra.get(k) for k in ("amplification", "intruders", "intruder_indices", "min_max_cos")}})
+    return records
+
+
 def _base_for(subject: Subject, args: argparse.Namespace):
     """The base weights to compare with: ``--base`` when given, else the run's own W0 file, else None."""
     if args.base is not None:
@@ -123,8 +163,11 @@ def run_spectra(args: argparse.Namespace) -> int:
     base_spec = _base_for(subject, args)
     amp = intr = norms = source = None
     label = subject.label
+    if args.alpha is not None and subject.run is not None:
+        raise ValueError(f"--alpha is for adapter files that store no alpha; run {subject.run.id}'s adapter "
+                         "states its own")
     if subject.adapter is not None:     # LoRA: the factors only; W0 is streamed module by module below
-        adapter, updates = load_updates(subject.adapter)
+        adapter, updates = load_updates(subject.adapter, alpha=args.alpha)
         count = len(adapter.modules)
     else:                                # a full fine-tuning run: ΔW = W_ft − W0, W0 needed to form it
         adapter, updates = None, load_subject_updates(subject, args.base)
@@ -144,20 +187,26 @@ def run_spectra(args: argparse.Namespace) -> int:
         base = analyse_against_base(stream, k=args.k, epsilon=args.epsilon, device=args.device,
                                     progress=sys.stderr.isatty(), total=count)
         amp, intr, norms = base.amplification, base.intruders, base.norms
-        if args.html:     # the report's sections come from the registry, which holds every W0 at once
-            with_w0 = load_updates(subject.adapter, source)[1] if adapter is not None else updates
+        if args.html:     # the report's sections: the registry's entries, W0 streamed again module by module
+            from ..analysis.sources import StreamedUpdates
+
+            with_w0 = StreamedUpdates(adapter, source) if adapter is not None else updates
             full = registry.Inputs.from_updates({label: with_w0})
             results += [AMPLIFICATION.run(full), INTRUDERS.run(full, k=args.k, epsilon=args.epsilon)]
     base_read = (None if base_spec is None and adapter is not None else
                  f"the run's own base weights: file {subject.base_weights}" if args.base is None else
                  source.describe() if source is not None else str(args.base))
-    needs_base = NEEDS_BASE + _recorded_base_hint(subject)
+    needs_base = NEEDS_BASE + _recorded_base_hint(subject) + (KOHYA_BASE if adapter is not None and
+                                                               adapter.format == "kohya" else "")
     if args.html:
         _write_html(args, label, base_spec, results, needs_base)
     if args.json:
         out = {"adapter": None if adapter is None else str(adapter.path), "base": base_spec,
                "run": None if subject.run is None else subject.run.id,
-               "modules": _records(frame, JSON_COLUMNS), "base_read": base_read,
+               "format": None if adapter is None else adapter.format,
+               "dtype": None if adapter is None else adapter.dtype,
+               "notes": [] if adapter is None else adapter.notes,
+               "modules": _module_records(frame, norms, amp, intr), "base_read": base_read,
                "base_revision": None if source is None else source.revision,
                "relative_norms": None if norms is None else _records(norms),
                "amplification": None if amp is None else _records(amp),
@@ -174,6 +223,10 @@ def run_spectra(args: argparse.Namespace) -> int:
     what = "ΔW = scaling·B·A (spectra computed factored)" if adapter is not None else "ΔW = W_ft − W0"
     print(f"{adapter.path if adapter is not None else label}: {len(frame)} "
           f"{'adapted modules' if adapter is not None else 'fine-tuned modules'}, {what}")
+    if adapter is not None and (adapter.format != "peft" or adapter.notes):
+        print(f"read as the {adapter.format} format, factors stored in {adapter.dtype}")
+        for note in adapter.notes:
+            print(f"  note: {note}")
     print(frame[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if amp is None:
         print(f"\n{needs_base}")

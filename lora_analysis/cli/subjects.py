@@ -1,5 +1,6 @@
 """What a command line names when it names something to analyse: a run of the run store (by id, unique id
-prefix, name or folder) or a PEFT adapter folder (any: ours, a run's, PEFT's). One resolver, so
+prefix, name or folder), a PEFT adapter folder (any: ours, a run's, PEFT's) or one adapter ``.safetensors``
+file (kohya / diffusers / loralib, :mod:`lora_analysis.lora.formats`). One resolver, so
 ``runs show``, ``spectra``, ``similarity`` and ``report`` accept the same words, and an error says what was
 tried.
 """
@@ -48,7 +49,7 @@ def run_files(run: runstore.Run) -> dict[str, str]:
 @dataclass
 class Subject:
     """A thing to analyse: ``run`` (when it is, or holds, a run of the store) and/or ``adapter`` (a PEFT
-    adapter folder; None for a full fine-tuning run). ``label`` is how outputs name it."""
+    adapter folder or an adapter file; None for a full fine-tuning run). ``label`` is how outputs name it."""
 
     text: str
     label: str
@@ -64,7 +65,7 @@ class Subject:
     def describe(self) -> str:
         """What this is and where its files are (a run: three lines)."""
         if self.run is None:
-            return f"adapter folder {self.adapter.resolve()}"
+            return f"adapter {'file' if self.adapter.is_file() else 'folder'} {self.adapter.resolve()}"
         files = run_files(self.run)
         weights = (f"  adapter:      {files['adapter']}" if "adapter" in files else
                    f"  weights:      {files.get('full_weights', 'missing')}")
@@ -78,24 +79,38 @@ def _run_of(folder: Path) -> runstore.Run | None:
 
 
 def resolve(text: str, runs_dir: str | os.PathLike | None = None) -> Subject:
-    """An adapter folder, a run folder, or a run of the store by id / unique id prefix / name. A run must
-    be completed. ``ValueError`` names what was tried."""
+    """An adapter folder, an adapter ``.safetensors`` file, a run folder, or a run of the store by id / unique
+    id prefix / name. A run must be completed. A pickle file is refused (never unpickled). ``ValueError``
+    names what was tried."""
+    from ..lora.formats import PICKLE_SUFFIXES, refuse_pickle
+
     path = Path(text).expanduser()
-    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        folder = path.parent        # a run's or PEFT folder's own weights file: that folder, its config included
+        if path.name == "adapter_model.safetensors" and (folder / ADAPTER_CONFIG).is_file():
+            run = _run_of(folder.parent) if folder.name == runstore.ADAPTER_DIR else None
+            subject = Subject(text, text, run, folder)
+        else:
+            subject = Subject(text, text, None, path)
+    elif path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise refuse_pickle(path)
+    elif path.is_dir() and (path / ADAPTER_CONFIG).is_file():
         run = _run_of(path.parent) if path.name == runstore.ADAPTER_DIR else None
         subject = Subject(text, text, run, path)
     elif path.is_dir() and (path / runstore.RUN_FILE).is_file():
         run = runstore.load_run(path)
         subject = Subject(text, text, run, None)
     elif path.exists():
-        raise ValueError(f"'{text}' is {'a folder without' if path.is_dir() else 'a file, not a folder with'} "
-                         f"{ADAPTER_CONFIG} (a PEFT adapter) or {runstore.RUN_FILE} (a run folder)")
+        what = "a folder without" if path.is_dir() else "a file, neither .safetensors nor a folder with"
+        raise ValueError(f"'{text}' is {what} {ADAPTER_CONFIG} (a PEFT adapter) or {runstore.RUN_FILE} (a run "
+                         "folder); an adapter file is one .safetensors file (kohya/diffusers, PEFT-style keys or "
+                         "loralib)")
     else:
         try:
             run = find_run(text, runs_dir)
         except ValueError as exc:
-            raise ValueError(f"'{text}' is neither an adapter folder ({path.resolve()} does not exist) nor a run: "
-                             f"{exc}") from None
+            raise ValueError(f"'{text}' is neither an adapter folder or file ({path.resolve()} does not exist) nor "
+                             f"a run: {exc}") from None
         subject = Subject(text, run.name, run, None)
     run = subject.run
     if run is not None:

@@ -4,10 +4,13 @@ A directory holds ``adapter_config.json`` (PEFT's ``LoraConfig`` keys) and ``ada
 with keys ``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r),
 plus ``base_model.model.<path>.<param>`` for ``modules_to_save``. That is exactly what PEFT's
 ``save_pretrained`` writes, so ``PeftModel.from_pretrained`` loads our adapters and we load PEFT's.
-Pickled ``.bin`` adapters are refused: we never unpickle files users give us. Every adapter read goes through
-one validation, :func:`validate_config` (types and ranges of every value; pattern keys and a regex
-``target_modules`` bounded so no key can match for minutes) and :func:`check_lora_tensors` (real floating
-point, A (r, in) and B (out, r) with r >= 1, every value finite): each problem is one ``ValueError``.
+Pickled ``.bin`` adapters are refused: we never unpickle files users give us. :func:`read_adapter` also reads a
+single ``.safetensors`` file in the kohya / diffusers / loralib formats (:mod:`.formats`) into the same
+:class:`Adapter`; every adapter's factors are analysed in float32 (bf16/fp16 upcast, the stored dtype recorded).
+Every adapter read goes through one validation, :func:`validate_config` (types and ranges of every value;
+pattern keys and a regex ``target_modules`` bounded so no key can match for minutes) and
+:func:`check_lora_tensors` (real floating point, A (r, in) and B (out, r) with r >= 1, every value finite): each
+problem is one ``ValueError``.
 
 Loading takes each module's rank from its tensors: any r >= 1 is legal (PEFT adapters with r > min(in, out),
 our PiSSA adapters saved at rank 2r); the cap at min(in, out) is a creation-time policy. Saving writes each
@@ -22,7 +25,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -135,13 +138,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
 
 @dataclass
 class AdapterModule:
-    """One adapted module as stored: A (r, in), B (out, r), ΔW = scaling·B·A of shape (out, in)."""
+    """One adapted module as stored: A (r, in), B (out, r), ΔW = scaling·B·A of shape (out, in).
+
+    ``kernel``: a conv layer's (kh, kw), whose factors are held as matrices: A (r, in·kh·kw), B (out, r), so
+    ΔW is the kernel (out, in, kh, kw) flattened to (out, in·kh·kw); None for a linear layer."""
 
     name: str
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     alpha: float
     scaling: float
+    kernel: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -154,13 +161,22 @@ class AdapterModule:
 
 @dataclass
 class Adapter:
-    """An adapter read from disk without a base model: its config and its factors per module."""
+    """An adapter read from disk without a base model: its config and its factors per module.
+
+    ``format``: "peft" (a folder), or "kohya" / "diffusers" / "loralib" (one file, :mod:`.formats`; its
+    ``raw_config`` is the PEFT config that describes the same ranks and scalings). ``dtype``: how the factors
+    were stored ("float32", "bfloat16", ...; "mixed (...)"), whereas the factors held are float32 (float64
+    kept). ``notes``: what was assumed in reading it (a scaling taken as 1, conv layers as matrices, an upcast).
+    """
 
     path: Path
     config: LoRAConfig
     raw_config: dict
     modules: dict[str, AdapterModule]
     extra: dict[str, torch.Tensor]     # modules_to_save tensors, keyed by parameter path
+    format: str = "peft"
+    dtype: str = "float32"
+    notes: list[str] = field(default_factory=list)
 
 
 def read_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict]:
@@ -275,6 +291,9 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"'{directory}' holds adapter_model.bin, a pickle file, which is not loaded for "
                              "safety: convert it to safetensors (in PEFT: save_pretrained(..., "
                              "safe_serialization=True))")
+        if not (directory / CONFIG_NAME).is_file():
+            raise ValueError(f"'{directory}' has no {CONFIG_NAME}: an adapter directory needs {CONFIG_NAME} "
+                             f"and {WEIGHTS_NAME}")
         raise ValueError(f"'{directory}' has no {WEIGHTS_NAME}")
     try:
         return load_file(str(path))
@@ -282,8 +301,23 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 
-def read_adapter(directory: str | os.PathLike) -> Adapter:
-    """Read an adapter directory (ours or PEFT's) into per-module factors, no base model needed."""
+def read_adapter(directory: str | os.PathLike, alpha: float | None = None) -> Adapter:
+    """Read an adapter into per-module factors, no base model needed: a PEFT directory (ours or PEFT's), or
+    one ``.safetensors`` file in the kohya / diffusers / loralib format (:func:`.formats.read_adapter_file`;
+    ``alpha`` is for files that store none). Factors come back float32 (float64 kept); ``Adapter.dtype``
+    says how they were stored. A pickle (``.bin``/``.pt``) is refused, never unpickled."""
+    from .formats import PICKLE_SUFFIXES, read_adapter_file, refuse_pickle
+
+    path = Path(directory)
+    if path.is_file() and path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+        path = directory = path.parent          # a PEFT folder's weights file: the folder, config included
+    elif path.suffix.lower() in PICKLE_SUFFIXES and not path.is_dir():
+        raise refuse_pickle(path)
+    elif path.is_file() or path.suffix.lower() == ".safetensors":
+        return read_adapter_file(path, alpha)
+    if alpha is not None:
+        raise ValueError(f"alpha={alpha!r} was given for '{path}', a PEFT adapter folder, whose "
+                         f"{CONFIG_NAME} states lora_alpha: a hand-given alpha is only for files that store none")
     config, raw = read_config(directory)
     tensors = read_weights(directory)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -300,16 +334,49 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
     if not factors:
         raise ValueError(f"'{directory}' holds no lora_A/lora_B weights")
     modules = {}
+    dtypes = set()
     for name, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
             raise ValueError(f"module '{name}' has lora_{'A' if 'A' in pair else 'B'} but no "
                              f"lora_{'B' if 'A' in pair else 'A'} weight")
         a, b = pair["A"], pair["B"]
         check_lora_tensors(name, a, b)
+        dtypes.update({a.dtype, b.dtype})
         r = int(a.shape[0])
         alpha = _saved_alpha(config, name, r)
-        modules[name] = AdapterModule(name, a, b, alpha, compute_scaling(r, alpha, config.rslora))
-    return Adapter(Path(directory), config, raw, modules, extra)
+        modules[name] = AdapterModule(name, upcast(a), upcast(b), alpha, compute_scaling(r, alpha, config.rslora))
+    dtype, notes = stored_dtype(dtypes)
+    return Adapter(Path(directory), config, raw, modules, extra, "peft", dtype, notes)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 factors as float32 (exactly); float32/float64 as stored."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def stored_dtype(dtypes: set[torch.dtype]) -> tuple[str, list[str]]:
+    """("bfloat16" / "float32" / "mixed (bfloat16, float32)", [a note when factors were upcast])."""
+    names = sorted(str(d).removeprefix("torch.") for d in dtypes)
+    dtype = names[0] if len(names) == 1 else "mixed (" + ", ".join(names) + ")"
+    half = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
+    return dtype, [f"factors stored in {dtype}, analysed in float32 (upcast exactly)"] if half else []
+
+
+def synthetic_config(modules: dict[str, AdapterModule]) -> dict:
+    """The ``adapter_config.json`` PEFT would need for ``modules`` (read from a file with no config): the
+    most common rank and alpha as ``r`` / ``lora_alpha``, every other module's as an exact pattern key, so
+    that the config gives each module its rank and scaling back (and :func:`.rank_advice.reduce_rank` can
+    write a PEFT folder from it)."""
+    from collections import Counter
+
+    ranks = {n: m.rank for n, m in modules.items()}
+    alphas = {n: m.alpha for n, m in modules.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": rank, "lora_alpha": alpha,
+            "target_modules": sorted(modules), "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+            "rank_pattern": exact_patterns(ranks, rank), "alpha_pattern": exact_patterns(alphas, alpha),
+            "lora_dropout": 0.0, "modules_to_save": None, "use_dora": False}
 
 
 def _saved_alpha(config: LoRAConfig, name: str, rank: int) -> float:

@@ -17,15 +17,21 @@ folder with no safetensors weights (pytorch_model.bin only), or a square weight 
 Key matching (exact, and explained when it fails): the adapter's module name, with PEFT's
 ``base_model.model.`` prefix removed, is looked up as ``<name>.weight``, then under the name with a leading
 ``model.``/``transformer.`` added or removed, then as the unique key equal up to leading path parts; an
-untied checkpoint's missing ``lm_head`` is read from the input embedding when the config ties them. A
-module found nowhere raises ``ValueError`` naming it and the nearest keys the checkpoint has.
+untied checkpoint's missing ``lm_head`` is read from the input embedding when the config ties them. A kohya
+module name (``lora_unet_...``, ``lora_te_...``: the module path with dots written as underscores) matches the
+one key whose path, dots replaced by underscores and leading path parts optionally dropped, equals the name
+after its prefix; so a kohya adapter's W0 comes from the UNet's or the text encoder's own safetensors file
+(or folder), whichever holds its modules. A module found nowhere raises ``ValueError`` naming it and the
+nearest keys the checkpoint has (for a kohya name: which model it belongs to).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -40,6 +46,12 @@ MODEL_PREFIXES = ("model.", "transformer.")
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 # ... and the module names of their Conv1D layers (GPT-2's attention and MLP): the rest are nn.Linear
 CONV1D_LEAVES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+# kohya's module-name prefixes and the model each names (their modules need that model's weights as the base)
+KOHYA_PREFIX = re.compile(r"^lora_(?P<model>unet|te[12]?)_(?P<path>.+)$")
+KOHYA_MODELS = {"unet": "the UNet (e.g. unet/diffusion_pytorch_model.safetensors)",
+                "te": "the text encoder (e.g. text_encoder/model.safetensors)",
+                "te1": "the first text encoder (e.g. text_encoder/model.safetensors)",
+                "te2": "the second text encoder (e.g. text_encoder_2/model.safetensors)"}
 OUTPUT_EMBEDDINGS = frozenset({"lm_head", "embed_out"})
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
@@ -49,7 +61,8 @@ def orient_out_in(weight: torch.Tensor, shape: tuple[int, int], name: str,
     """Return ``weight`` as (out, in) = ``shape``.
 
     A Conv1D weight is stored (in, out): a non-square one is recognised by its shape; a square one
-    only by ``fan_in_fan_out`` (PEFT's flag for Conv1D models), since its shape says nothing.
+    only by ``fan_in_fan_out`` (PEFT's flag for Conv1D models), since its shape says nothing. A conv kernel
+    (out, in, kh, kw) is flattened to (out, in·kh·kw), the matrix a conv LoRA factors (:mod:`..lora.formats`).
     Raises ``ValueError`` naming the module and both shapes when neither orientation fits.
     """
     out_f, in_f = shape
@@ -60,6 +73,8 @@ def orient_out_in(weight: torch.Tensor, shape: tuple[int, int], name: str,
         return weight
     if got == (in_f, out_f):
         return weight.T
+    if weight.ndim > 2 and got[0] == out_f and math.prod(got[1:]) == in_f:
+        return weight.reshape(out_f, in_f)    # a conv kernel (out, in, kh, kw) as the matrix its LoRA factors
     raise ValueError(f"base weight for module '{name}' has shape {got}, which fits neither the adapter's "
                      f"(out, in) = ({out_f}, {in_f}) nor its transpose: is this the right base model?")
 
@@ -235,6 +250,33 @@ def _match_key(name: str, keys: Iterable[str]) -> str | None:
     return hits[0] if hits else None
 
 
+def kohya_index(keys: Iterable[str]) -> dict[str, list[str]]:
+    """{path with dots as underscores: [keys]} for every ``<path>.weight`` key and each of its tails after
+    dropping leading path parts (so ``unet.down_blocks.0.proj_in.weight`` answers both
+    ``unet_down_blocks_0_proj_in`` and ``down_blocks_0_proj_in``)."""
+    index: dict[str, list[str]] = {}
+    for key in keys:
+        if not key.endswith(".weight"):
+            continue
+        parts = key[: -len(".weight")].split(".")
+        for i in range(len(parts)):
+            index.setdefault("_".join(parts[i:]), []).append(key)
+    return index
+
+
+def _kohya_key(name: str, index: dict[str, list[str]]) -> str | None:
+    """The key of kohya module ``name`` (None when it is no kohya name or nothing matches); several keys
+    reading the same raise ``ValueError`` naming them."""
+    m = KOHYA_PREFIX.match(name)
+    if m is None:
+        return None
+    hits = sorted(set(index.get(m["path"], [])))
+    if len(hits) > 1:
+        raise ValueError(f"kohya module '{name}' reads as several base tensors ({', '.join(hits[:5])}): give the "
+                         f"weights of {KOHYA_MODELS[m['model']]} alone as the base")
+    return hits[0] if hits else None
+
+
 def _tied_key(name: str, source: BaseSource) -> str | None:
     """For an output embedding (lm_head) the checkpoint leaves out because it is tied: the input embedding."""
     if name.rsplit(".", 1)[-1] not in OUTPUT_EMBEDDINGS or not source.tied_embeddings:
@@ -245,6 +287,14 @@ def _tied_key(name: str, source: BaseSource) -> str | None:
 
 def _missing(name: str, source: BaseSource) -> ValueError:
     bare = name.removeprefix(PEFT_PREFIX)
+    kohya = KOHYA_PREFIX.match(name)
+    if kohya:
+        return ValueError(f"kohya module '{name}' belongs to {KOHYA_MODELS[kohya['model']]}, and base model "
+                          f"'{source.spec}' holds no tensor whose path reads '{kohya['path']}' with its dots as "
+                          "underscores. kohya names have no Hugging Face model to stream against: give --base the "
+                          "safetensors file (or folder) of that model, or for an adapter of both the UNet and a "
+                          "text encoder one .safetensors file holding both models' tensors (e.g. keys unet.* and "
+                          "text_encoder.*)")
     near = difflib.get_close_matches(f"{bare}.weight", list(source.files), n=3, cutoff=0.5)
     hint = f"; nearest keys: {', '.join(near)}" if near else ""
     tried = ", ".join(f"'{c}.weight'" for c in _candidates(name) if c != bare)
@@ -268,8 +318,9 @@ def _plan(source: BaseSource, names: list[str], shapes: Shapes | None, fan_in_fa
     if not source.files:
         return None
     plans = []
+    index = kohya_index(source.files) if any(KOHYA_PREFIX.match(n) for n in names) else {}
     for name in names:
-        key = _match_key(name, source.files) or _tied_key(name, source)
+        key = _match_key(name, source.files) or _kohya_key(name, index) or _tied_key(name, source)
         if key is None:
             raise _missing(name, source)
         if key == name:                         # a run's own W0: stored (out, in) under the bare name
@@ -314,6 +365,42 @@ def _read_one(plan: _Plan, shapes: Shapes | None) -> torch.Tensor:
     return weight.contiguous()
 
 
+class BaseReader:
+    """The adapted modules' W0, each read from the checkpoint only when asked for (:meth:`read`), or one by
+    one in file order (iterating it). Every key is matched and every stored shape checked when it is made,
+    before any tensor is read; it holds no tensor itself, except in transformers' fallback (see the module
+    docstring), which holds every adapted module's W0 from the start.
+
+    Arguments as for :func:`load_base_weights`; ``reader.source`` says what was read.
+    """
+
+    def __init__(self, spec: str | os.PathLike | BaseSource, module_names: Iterable[str] | Shapes,
+                 fan_in_fan_out: bool | None = None, revision: str | None = None) -> None:
+        self.names, self._shapes = _names_and_shapes(module_names)
+        self.source = open_base(spec, revision)
+        plans = _plan(self.source, self.names, self._shapes, fan_in_fan_out)
+        self._plans = None if plans is None else {p.name: p for p in plans}
+        self._loaded = (_from_transformers(self.source, self.names, self._shapes, revision) if plans is None
+                        else None)
+
+    def read(self, name: str) -> torch.Tensor:
+        """W0 (out, in) of module ``name``, in the dtype stored."""
+        if self._loaded is not None:
+            return self._loaded[name]
+        if name not in self._plans:
+            raise ValueError(f"module '{name}' is not one of the {len(self._plans)} modules this reader was made for")
+        return _read_one(self._plans[name], self._shapes)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._loaded is not None:
+            yield from self._loaded.items()
+            return
+        plans = list(self._plans.values())
+        order = {f: i for i, f in enumerate(dict.fromkeys(p.file for p in plans))}
+        for plan in sorted(plans, key=lambda p: order[p.file]):
+            yield plan.name, _read_one(plan, self._shapes)
+
+
 def iter_base_weights(spec: str | os.PathLike | BaseSource, module_names: Iterable[str] | Shapes,
                       fan_in_fan_out: bool | None = None, revision: str | None = None
                       ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -324,16 +411,7 @@ def iter_base_weights(spec: str | os.PathLike | BaseSource, module_names: Iterab
     file (shard by shard), in the order asked within each. Same arguments as :func:`load_base_weights`;
     ``spec`` may also be an already resolved :class:`BaseSource`.
     """
-    names, shapes = _names_and_shapes(module_names)
-    source = open_base(spec, revision)
-    plans = _plan(source, names, shapes, fan_in_fan_out)
-    if plans is None:
-        # only transformers can say: this loads the whole model (see the module docstring)
-        yield from _from_transformers(source, names, shapes, revision).items()
-        return
-    order = {f: i for i, f in enumerate(dict.fromkeys(p.file for p in plans))}
-    for plan in sorted(plans, key=lambda p: order[p.file]):
-        yield plan.name, _read_one(plan, shapes)
+    yield from BaseReader(spec, module_names, fan_in_fan_out, revision)
 
 
 def _from_transformers(source: BaseSource, names: list[str], shapes: Shapes | None,
