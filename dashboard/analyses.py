@@ -5,6 +5,8 @@ one cached computation, its figures and tables. What a page shows is what the re
     inputs = inputs_for(runs)
     params = widgets(entry, inputs, keys={"k": "intr_k"})      # or widget(...) one parameter at a time
     show(result(entry, inputs, params))
+
+    updates, read = stream_base(adapter, base_path)    # W0 read module by module under a progress bar
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any, Mapping
 
 import streamlit as st
 
-from dashboard.common import chart, reading, result_answer, table
+from dashboard.common import chart, fmt_bytes, reading, result_answer, table
 from dashboard.runs import restored_for, spectra_frame_for, stamp, updates_for
 from dashboard.plain_text import plain
 from lora_analysis.analysis.registry import Analysis, Inputs, Param, Result
+from lora_analysis.analysis.sources import StreamedUpdates
 
 
 def inputs_for(runs) -> Inputs:
@@ -50,12 +53,16 @@ def _result(name: str, key: tuple, params: tuple, _entry: Analysis, _inputs: Inp
     return _entry.run(_inputs, **dict(params))
 
 
-def result(entry: Analysis, inputs: Inputs, params: Mapping, key: tuple | None = None) -> Result:
+def result(entry: Analysis, inputs: Inputs, params: Mapping, key: tuple | None = None, record: bool = True
+           ) -> Result:
     """``entry.run(inputs, **params)``, cached by the runs' versions (``key`` for inputs that are not runs)
-    and the parameters; the parameters shown are kept in ``st.session_state["params:<name>"]``."""
+    and the parameters; the parameters shown are kept in ``st.session_state["params:<name>"]`` (what the
+    report of the page's runs shows), unless ``record`` is False (a section on subjects the report does not
+    have, e.g. two adapters read on the page)."""
     out = _result(entry.name, inputs_key(inputs) if key is None else key,
                   tuple(sorted(params.items(), key=lambda kv: kv[0])), entry, inputs)
-    st.session_state[f"params:{entry.name}"] = dict(out.params)
+    if record:
+        st.session_state[f"params:{entry.name}"] = dict(out.params)
     return out
 
 
@@ -127,3 +134,26 @@ def show_tables(res: Result, key: str | None = None) -> None:
         table(frame, f"{res.name}-{caption}", key=f"{key or res.name}_table{i}")
     if res.code:
         st.code(res.code, language="python")
+
+
+def stream_base(adapter, base, container=None) -> tuple[Mapping, str]:
+    """The adapter's updates against the base weights at ``base``, W0 read module by module under an
+    ``st.progress`` bar counting the modules read, and one line saying what was read (modules, bytes of W0,
+    files). ``base``: a path already checked by :func:`dashboard.typed_paths.resolve_base_path`.
+
+    The updates are a :class:`lora_analysis.analysis.sources.StreamedUpdates`: every key is matched and every
+    shape checked before the first tensor is read (ValueError when the base does not fit the adapter), and no
+    W0 is kept: each analysis reads a module's W0 when it needs it, one at a time (the pass here warms the
+    operating system's file cache). The page holds the adapter's factors only, whatever the base's size."""
+    updates = StreamedUpdates(adapter, str(base))
+    source, total = updates.source, len(updates)
+    bar = (container or st).progress(0.0, text=plain(f"Streaming W0 of {total} modules from {source.describe()}"))
+    nbytes = 0
+    for i, name in enumerate(updates, start=1):
+        w0 = updates[name].w0
+        nbytes += w0.numel() * w0.element_size()
+        del w0
+        bar.progress(i / total, text=plain(f"W0 streamed: {i} of {total} modules ({name})"))
+    read = (f"Read W0 of {total} module{'s' if total != 1 else ''} ({fmt_bytes(nbytes)}) from "
+            f"{source.describe()}.")
+    return updates, read

@@ -21,8 +21,10 @@ from lora_analysis.analysis.sources import updates_from_adapter
 from lora_analysis.analysis.spectra import spectra_frame
 from lora_analysis.weights import ModuleUpdate
 
-__all__ = ["KEPT", "Kept", "digest_of", "keep", "kept_adapters", "module_names_for", "all_runs", "clear_caches", "completed", "empty_store_message", "follow_default", "latest_sweep",
-           "restored_for", "run_label", "spectra_frame_for", "spread", "stamp", "updates_for"]
+__all__ = ["KEPT", "Kept", "adapter_from_upload", "base_model_of", "describe_adapter", "digest_of", "keep",
+           "kept_adapters", "module_names_for", "all_runs", "clear_caches", "completed", "empty_store_message",
+           "follow_default", "latest_sweep", "read_typed_adapter", "read_uploaded_adapter", "restored_for",
+           "run_label", "spectra_frame_for", "spread", "stamp", "updates_for"]
 
 
 def all_runs() -> list[runstore.Run]:
@@ -147,6 +149,8 @@ class Kept:
     base_key: str = ""                  # identifies the base's content for the caches
     updates: dict = field(default_factory=dict)
     typed: str = ""                     # the folder as typed (source "folder")
+    read: str = ""                      # what was read for the adapter (files, bytes, modules)
+    base_read: str = ""                 # what was read for the base (modules, bytes of W0, files)
 
     @property
     def label(self) -> str:
@@ -167,7 +171,7 @@ def keep(kept: Kept) -> Kept:
     adapters = kept_adapters()
     old = adapters.pop(kept.digest, None)
     if old is not None and old.base and not kept.base:
-        kept.base, kept.base_key, kept.updates = old.base, old.base_key, old.updates
+        kept.base, kept.base_key, kept.updates, kept.base_read = old.base, old.base_key, old.updates, old.base_read
     if not kept.updates:
         kept.updates = updates_from_adapter(kept.adapter)
     adapters[kept.digest] = kept
@@ -205,3 +209,91 @@ def digest_of(*parts: bytes) -> str:
     for part in parts:
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()
+
+
+# ---- reading an adapter the user gives (upload or typed path) ----------------------------------------------
+
+def adapter_from_upload(files) -> Any:
+    """Uploaded files (Streamlit ``UploadedFile``s) read as an adapter: ``adapter_config.json`` with
+    ``adapter_model.safetensors`` (a PEFT adapter), or one ``.safetensors`` file alone (the single-file formats
+    :func:`lora_analysis.lora.read_adapter` reads). Written to a private temp folder in the user data folder
+    first; messages name the uploaded files, not that folder. Raises ValueError."""
+    import os
+
+    from dashboard.common import MAX_UPLOAD_BYTES, scratch_dir
+    from lora_analysis.lora import read_adapter
+
+    by_name = {f.name: f for f in files}
+    config = next((f for n, f in by_name.items() if n.endswith(".json")), None)
+    weights = [f for n, f in by_name.items() if n.endswith(".safetensors")]
+    if len(weights) != 1 or len(by_name) > 2 or (len(by_name) == 2 and config is None):
+        raise ValueError("upload adapter_config.json and adapter_model.safetensors (a PEFT adapter), or one "
+                         f".safetensors adapter file alone (got {', '.join(by_name) or 'nothing'})")
+    total = sum(len(f.getvalue()) for f in files)
+    if total > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the upload is {total / 2**20:.0f} MiB: use the CLI for adapters over "
+                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
+    with scratch_dir() as tmp:
+        if config is not None:
+            (Path(tmp) / "adapter_config.json").write_bytes(config.getvalue())
+            (Path(tmp) / "adapter_model.safetensors").write_bytes(weights[0].getvalue())
+            where = tmp
+        else:
+            where = Path(tmp) / "adapter.safetensors"
+            where.write_bytes(weights[0].getvalue())
+        try:
+            return read_adapter(where)
+        except ValueError as exc:   # name the uploaded files, not our private temp folder
+            text = str(exc).replace(str(where), weights[0].name if config is None else "the upload")
+            raise ValueError(text.replace(f"{tmp}{os.sep}", "").replace(tmp, "the upload")) from exc
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
+def read_uploaded_adapter(digest: str, _files) -> Any:
+    """:func:`adapter_from_upload`, cached by the files' content (``digest``)."""
+    return adapter_from_upload(_files)
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
+def read_typed_adapter(path: str, version: tuple) -> Any:
+    """The adapter at ``path`` (checked by :func:`dashboard.typed_paths.resolve_adapter_path`), read again when
+    its files change (``version``: :func:`dashboard.typed_paths.version_of`)."""
+    from lora_analysis.lora import read_adapter
+
+    return read_adapter(path)
+
+
+def base_model_of(adapter=None, run: runstore.Run | None = None) -> str | None:
+    """The base model an adapter says it was trained on (``base_model_name_or_path`` of its config), or a run's
+    (its adapter's config, else its model); None when not recorded."""
+    if run is not None:
+        try:
+            import json
+
+            config = json.loads((run.dir / runstore.ADAPTER_DIR / "adapter_config.json").read_text())
+            name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        except (OSError, ValueError):
+            name = None
+        return str(name or run.model or "") or None
+    raw = getattr(adapter, "raw_config", None) or {}
+    name = raw.get("base_model_name_or_path")
+    return str(name) if name else None
+
+
+def describe_adapter(adapter, files: list[tuple[str, int]], where: str = "") -> str:
+    """What was read, in one line: the files (name, bytes), where from, the format and stored dtype, the adapted
+    modules and their ranks, the base model its config records, and what was assumed in reading it."""
+    from dashboard.common import fmt_bytes
+
+    modules = adapter.modules
+    ranks = sorted({int(m.rank) for m in modules.values()})
+    names = " and ".join(name for name, _ in files)
+    base = base_model_of(adapter)
+    fmt, dtype = getattr(adapter, "format", "peft"), getattr(adapter, "dtype", "float32")
+    kind = f" ({fmt} format{f', stored {dtype}' if dtype != 'float32' else ''})" if fmt != "peft" or \
+        dtype != "float32" else ""
+    notes = list(getattr(adapter, "notes", None) or [])
+    return (f"Read {names} ({fmt_bytes(sum(n for _, n in files))}){f' from {where}' if where else ''}{kind}: "
+            f"{len(modules)} adapted module{'s' if len(modules) != 1 else ''}, rank{'s' if len(ranks) != 1 else ''} "
+            f"{', '.join(map(str, ranks))}; base model {base if base else 'not recorded'}."
+            + "".join(f" {note[0].upper()}{note[1:]}{'' if note.endswith('.') else '.'}" for note in notes if note))

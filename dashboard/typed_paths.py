@@ -9,6 +9,8 @@ data folder.
 
     model = model_source(typed)      # a built-in name, a hub id, or an absolute folder path inside the roots
     base = resolve_base_path(typed)  # base weights W0: a .safetensors file or a model folder inside the roots
+    adapter = resolve_adapter_path(typed)   # a PEFT adapter folder or one adapter .safetensors file
+    adapter_files(adapter), base_files(base)   # the files reading them opens (for "what was read")
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ def allowed_roots() -> list[Path]:
 
 
 def allowed_roots_text() -> str:
-    return "the user data folder, the folder the dashboard was started in" + \
-        (f" or {ROOTS_ENV}" if os.environ.get(ROOTS_ENV) else f" (more with {ROOTS_ENV})")
+    """The allowed folders, named and listed (for messages and help): the user data folder, the folder the
+    dashboard was started in and the folders of ``LORA_ANALYSIS_MODEL_DIRS``."""
+    home, here = Path(home_dir()).expanduser().resolve(), Path.cwd().resolve()
+    extra = [str(Path(p).expanduser().resolve()) for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep)
+             if p.strip()]
+    text = f"the user data folder {home}, the folder the dashboard was started in {here}"
+    return text + (f" or {ROOTS_ENV} ({', '.join(extra)})" if extra else f"; more with {ROOTS_ENV}")
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -87,6 +94,54 @@ def resolve_base_path(text: str) -> Path:
     if not all(inside_allowed(f) for f in files):
         raise ValueError(f"the base folder '{shown}' was refused: its files must lie inside {allowed_roots_text()}")
     return path
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")     # a PEFT adapter folder
+
+
+def resolve_adapter_path(text: str) -> Path:
+    """An adapter typed as a path: a PEFT adapter folder (``adapter_config.json`` and
+    ``adapter_model.safetensors``) or one ``.safetensors`` file (the single-file formats
+    :func:`lora_analysis.lora.read_adapter` reads, e.g. kohya / diffusers ``lora_down``/``lora_up``), resolved and
+    inside :func:`allowed_roots`, every file it would read inside them too (a link in the folder may point out).
+    Raises ValueError saying what was refused."""
+    path = resolve_typed_folder(text, "adapter path")
+    shown = text.strip()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"the adapter '{shown}' must be an adapter folder or a .safetensors file (pickled "
+                             ".bin/.pt files are never loaded)")
+        sidecar = path.with_suffix(".json")     # a loralib file's alpha may be read from <stem>.json beside it
+        if sidecar.exists() and not inside_allowed(sidecar):
+            raise ValueError(f"the adapter '{shown}' was refused: {sidecar.name} beside it must lie inside "
+                             f"{allowed_roots_text()}")
+        return path
+    if not path.is_dir():
+        raise ValueError(f"the adapter path '{shown}' does not exist")
+    if not all((path / name).is_file() for name in ADAPTER_FILES):
+        raise ValueError(f"the adapter folder '{shown}' holds no {' and '.join(ADAPTER_FILES)} (a PEFT adapter); "
+                         "type the .safetensors file itself for an adapter saved as one file")
+    if not all(inside_allowed(f) for f in adapter_files(path)):
+        raise ValueError(f"the adapter folder '{shown}' was refused: its files must lie inside "
+                         f"{allowed_roots_text()}")
+    return path
+
+
+def adapter_files(path: Path) -> list[Path]:
+    """The files reading the adapter at ``path`` (from :func:`resolve_adapter_path`) opens."""
+    path = Path(path)
+    return [path] if path.is_file() else [path / name for name in ADAPTER_FILES if (path / name).is_file()]
+
+
+def base_files(path: Path) -> list[Path]:
+    """The safetensors files a base at ``path`` (from :func:`resolve_base_path`) may read W0 from."""
+    path = Path(path)
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
+def version_of(files: list[Path]) -> tuple:
+    """What changes when any of ``files`` is rewritten (names, sizes, modification times): a cache key."""
+    return tuple((f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
 
 
 def model_source(text: str) -> str:

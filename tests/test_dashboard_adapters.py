@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save, save_file
 from streamlit.testing.v1 import AppTest
 
+from dashboard.common import fmt_bytes
 from lora_analysis import runstore
 from lora_analysis.analysis import amplification, intruders, similarity
 from lora_analysis.analysis.sources import load_updates
@@ -183,11 +184,18 @@ def test_a_typed_base_path_is_checked_and_read(lora_home, adapter, base_file, tm
     at.text_input(key="spectra_base_path_upload").set_value(str(base_file)).run()     # outside the allowed roots
     errs = [shown_text(e.value) for e in at.error]
     assert len(errs) == 1 and "was refused: it is outside the folders" in errs[0], errs
+    assert f"the user data folder {lora_home}" in errs[0], errs           # the folders allowed, named
     inside = lora_home / "base.safetensors"
     inside.write_bytes(base_file.read_bytes())
     at.text_input(key="spectra_base_path_upload").set_value(str(inside)).run()
     assert not at.error and not at.exception, [e.value for e in at.error]
     assert len(frame_with(at, "amplification")) == 2
+    # W0 streamed module by module under a progress bar, and what was read said
+    (bar,) = at.get("progress")
+    assert bar.proto.value == 100 and shown_text(bar.proto.text).startswith("W0 streamed: 2 of 2 modules")
+    nbytes = sum(w.numel() * w.element_size() for w in base_weights().values())
+    assert (f"Read W0 of 2 modules ({fmt_bytes(nbytes)}) from file {inside}: 2 tensors in 1 safetensors file(s)."
+            in [shown_text(c.value) for c in at.caption])
 
 
 # ---- the adapter beside runs ------------------------------------------------------------------------------
@@ -259,9 +267,32 @@ def test_an_adapter_folder_with_a_base_folder_gets_the_same_numbers(lora_home, t
     at.radio(key="spectra_src").set_value("An adapter folder on this machine").run()
     at.text_input(key="spectra_folder").set_value(str(folder)).run()
     at.radio(key="spectra_base_src_folder").set_value("A base on this machine (folder or .safetensors)").run()
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    assert (f"Read adapter_config.json and adapter_model.safetensors ({fmt_bytes(size)}) from {folder}: 2 adapted "
+            "modules, rank 2; base model not recorded." in [shown_text(c.value) for c in at.caption])
     at.text_input(key="spectra_base_path_folder").set_value(str(lora_home / "base")).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     _, updates = load_updates(folder, lora_home / "base" / "model.safetensors")
     shown = frame_with(at, "amplification").set_index("name")
     expected = amplification.amplification_frame(updates, seed=0).set_index("name")
     assert shown["amplification"].to_dict() == pytest.approx(expected["amplification"].to_dict(), rel=1e-5)
+
+
+def test_an_adapter_file_typed_on_the_spectra_page_is_read(lora_home):
+    """One .safetensors adapter file (kohya format) typed as a path: read, what was read said, spectra shown."""
+    g = torch.Generator().manual_seed(5)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    path = lora_home / "style.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 12, generator=g),
+               f"{name}.lora_up.weight": torch.randn(16, 4, generator=g), f"{name}.alpha": torch.tensor(2.0)},
+              str(path))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("views/spectra.py").run()
+    at.radio(key="spectra_src").set_value("An adapter folder on this machine").run()
+    at.text_input(key="spectra_folder").set_value(str(path)).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(shown_text(c.value).startswith(f"Read style.safetensors ({fmt_bytes(path.stat().st_size)}) from "
+                                              f"{lora_home} (kohya format): 1 adapted module, rank 4")
+               for c in at.caption), [c.value for c in at.caption]
+    assert list(frame_with(at, "effective_rank")["name"]) == [name]

@@ -523,15 +523,16 @@ def _broken_uploads(config: bytes, weights: bytes) -> dict:
         "rank does not fit": ([("adapter_config.json", json.dumps({**raw, "r": 8}).encode(), JSON),
                                ("adapter_model.safetensors", weights, BIN)],
                               "the weights have rank 1 but the config says r=8"),
-        "weights only": ([("adapter_model.safetensors", weights, BIN)],
-                         "upload both adapter_config.json and adapter_model.safetensors (got adapter_model.safetensors)"),
+        "two weight files": ([("adapter_model.safetensors", weights, BIN), ("other.safetensors", weights, BIN)],
+                             "or one .safetensors adapter file alone (got adapter_model.safetensors, other.safetensors)"),
         "config only": ([("adapter_config.json", config, JSON)],
-                        "upload both adapter_config.json and adapter_model.safetensors (got adapter_config.json)"),
+                        "upload adapter_config.json and adapter_model.safetensors (a PEFT adapter), or one "
+                        ".safetensors adapter file alone (got adapter_config.json)"),
     }
 
 
 BROKEN = ["garbage weights", "not a LoRA config", "config not JSON", "config a list", "prefix tuning",
-          "rank does not fit", "weights only", "config only"]
+          "rank does not fit", "two weight files", "config only"]
 
 
 @pytest.mark.parametrize("case", BROKEN)
