@@ -7,6 +7,7 @@ Needs Debian's chromium at /usr/bin/chromium (``.ci/run`` installs it); skipped 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -95,6 +96,30 @@ def test_every_page_renders_on_an_empty_store(server, browser):
         if path not in ("", "params", "finetune", "reports"):      # says so (wait: the body renders after the title)
             page.get_by_text("no completed runs yet").first.wait_for(timeout=180_000)
         page.close()
+
+
+def test_a_trainer_callback_run_shows_its_spectra_over_training(server, browser, shots, tmp_path):
+    """A fine-tune recorded by LoRASpectraCallback in a real transformers.Trainer, alone in the store (it is
+    removed afterwards: the quick demo below starts from an empty store), shows its spectra over training."""
+    from lora_analysis import runstore
+    from tests.test_callback import trainer_callback_run
+
+    url, home = server
+    run = trainer_callback_run(tmp_path, runs_dir=home / "runs")["run"]
+    try:
+        page = open_page(browser, f"{url}/spectra")
+        page.get_by_text("How the spectrum grew during training").first.wait_for(timeout=180_000)
+        wait_idle(page)
+        assert_clean(page, "spectra of the callback run")
+        specs = [json.loads(s) for s in page.evaluate(PLOTS_JS)]
+        (grew,) = [s for s in specs if "grew during training" in s["layout"]["title"]["text"]]
+        assert len(grew["data"]) == 12                           # 6 modules, effective rank and ‖ΔW‖_F each
+        assert_axes_fit(page, "spectra")
+        page.get_by_text("How the spectrum grew during training").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "spectra_history.png"))
+        page.close()
+    finally:
+        runstore.delete_run(run.id, home / "runs")
 
 
 def test_quick_demo_fills_the_pages(server, browser, shots):

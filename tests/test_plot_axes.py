@@ -119,6 +119,20 @@ def _young() -> tuple[pd.DataFrame, pd.DataFrame]:
     return metrics, runs
 
 
+def _history() -> pd.DataFrame:
+    """Spectra over training of 3 modules, r=4: ΔW = 0 at step 0, then B grows step by step."""
+    from lora_analysis.analysis.history import LoRAFactors, spectra_rows
+
+    g = torch.Generator().manual_seed(3)
+    a = {m: torch.randn(4, 16, generator=g) for m in ("q", "k", "v")}
+    b = {m: torch.randn(12, 4, generator=g) for m in a}
+    rows = []
+    for step in range(0, 50, 10):
+        rows += spectra_rows({m: LoRAFactors(a[m], b[m] * step / 40 * torch.tensor([1.0, 0.5, 0.2, 0.1 * step / 40]),
+                                             2.0) for m in a}, step)
+    return pd.DataFrame(rows)
+
+
 def _no_layers() -> pd.DataFrame:
     """Spectra of a model without layers (mlp-digits: fc1, fc2, fc3), effective ranks 7.90–7.95 of 8."""
     return pd.DataFrame({"name": ["fc1", "fc2", "fc3"], "kind": "lora", "rank": 8.0, "out_features": 64,
@@ -153,6 +167,7 @@ def _figures() -> dict[str, go.Figure]:
         "amplification": A.plot_amplification(amplification_frame(ups)),
         "amplification_table": A.plot_amplification_table(amplification_frame(ups)),
         "intruders_vs_epsilon": A.plot_intruders_vs_epsilon(intr),
+        "intruders_vs_epsilon_none": A.plot_intruders_vs_epsilon(intr.assign(intruders=0)),   # seen on MiniLM
         "merge_errors": A.plot_merge_errors(check.errors),
         "merge_errors_fp32": A.plot_merge_errors(check.errors, reference="fp32"),
         "latency": A.plot_latency(latency_check(model, x, repeats=2, warmup=0, devices=["cpu"])),
@@ -177,6 +192,8 @@ def _figures() -> dict[str, go.Figure]:
         "update_norm_alpha": T.plot_update_norm(_norms(), "alpha"),
         "update_norm_rank": T.plot_update_norm(_norms(), "rank"),
         "task_metrics": T.plot_task_metrics(task),
+        "spectra_history": T.plot_spectra_history(_history()),
+        "spectra_history_one_step": T.plot_spectra_history(_history().query("step == 40"), ["q"]),
         "trainable_vs_rank": P.plot_trainable_vs_rank(table),
         "percent_vs_rank": P.plot_percent_vs_rank(table),
         "memory": P.plot_memory(memory),

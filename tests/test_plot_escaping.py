@@ -84,6 +84,8 @@ def _figures() -> dict[str, go.Figure]:
         "cost_comparison": T.plot_cost_comparison(_runs()),
         "update_norm": T.plot_update_norm(norms, "rank"),
         "task_metrics": T.plot_task_metrics(pd.DataFrame({"variant": [RUN], "val_accuracy": [0.5]})),
+        "spectra_history": T.plot_spectra_history(pd.DataFrame({"step": [0, 10, 0, 10], "module": [MODULE] * 2 + [
+            f"x.{MODULE}"] * 2, "rank": 4, "effective_rank": [0.0, 2.5, 0.0, 1.5], "norm": [0.0, 1.0, 0.0, 2.0]})),
         "trainable_vs_rank": P.plot_trainable_vs_rank(table, title=RUN),
         "percent_vs_rank": P.plot_percent_vs_rank(table),
         "memory": P.plot_memory(memory),

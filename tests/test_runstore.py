@@ -48,7 +48,7 @@ def test_a_run_directory_holds_record_metrics_and_adapter(lora_run):
     assert run.metrics["val_accuracy"] == pytest.approx(frame["val_accuracy"].iloc[-1])
     names = sorted(p.relative_to(run.dir).as_posix() for p in run.dir.rglob("*") if p.is_file())
     assert names == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "base_weights.safetensors",
-                     "metrics.csv", "run.json"]
+                     "metrics.csv", "run.json", "spectra_history.csv"]
     assert not list(run.dir.rglob("*.tmp"))
     table = runstore.runs_frame()
     assert table.loc[0, "id"] == run.id and table.loc[0, "rank"] == 2 and table.loc[0, "val_accuracy"] > 0
@@ -127,7 +127,8 @@ def test_export_import_round_trip(lora_run, tmp_path):
     assert bundle.name == f"{lora_run.run_id}.zip"
     with zipfile.ZipFile(bundle) as zf:
         assert sorted(zf.namelist()) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                                         "base_weights.safetensors", "metrics.csv", "run.json"]
+                                         "base_weights.safetensors", "metrics.csv", "run.json",
+                                         "spectra_history.csv"]
     other = tmp_path / "other-store"
     imported = runstore.import_run(bundle, other)
     assert imported.id == lora_run.run_id and imported.status == "completed"

@@ -95,11 +95,12 @@ def test_hf_lora_run_loads_in_peft_with_the_same_logits(lora_home, tmp_path, kin
     adapter = result.run_dir / "adapter"
     peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), adapter)
     assert peft_model.peft_config["default"].base_model_name_or_path == str(tmp_path / kind)
-    x = task.data.val[:32][None]
+    x = task.data.held_out_inputs(2)             # two packed windows of 32 tokens, from datasets
+    assert x["input_ids"].shape == (2, 32) and task.data.layout == "packed"
     result.model.eval()
     peft_model.eval()
     with torch.no_grad():
-        ours, theirs = result.model(input_ids=x).logits, peft_model(input_ids=x).logits
+        ours, theirs = result.model(**x).logits, peft_model(**x).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     # the analyses get (out, in) factors and W0, Conv1D transposed to Linear orientation
     updates = runstore.load_updates(result.run_id)
@@ -124,7 +125,7 @@ def test_hf_text_file_data_and_bad_folder(lora_home, tmp_path):
     text = tmp_path / "notes.jsonl"
     text.write_text('{"text": "def f(x):\\n    return x + 1\\n"}\n' * 40)
     task = prepare_task(path, str(text), seq_len=16)
-    assert task.data_name == str(text.resolve()) and len(task.data.train) > 100
+    assert task.data_name == str(text.resolve()) and len(task.data.train) * 16 > 100
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="without config.json"):
         prepare_task(str(tmp_path / "empty_dir"))

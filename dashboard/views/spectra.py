@@ -3,23 +3,26 @@ fine-tuning, and rank advice exported as a PEFT LoraConfig (registered analyses 
 rank_advice: the report shows the same)."""
 
 import json
-import os
 from pathlib import Path
 
 import streamlit as st
 
-from dashboard.analyses import inputs_for, inputs_key, inputs_with, result, show, show_tables, widget
-from dashboard.common import (MAX_UPLOAD_BYTES, answers_box, chart, guarded, next_question, page_question, question,
-                              reading, result_answer, scratch_dir, table, uploader)
-from dashboard.runs import (Kept, all_runs, completed, digest_of, empty_store_message, follow_default, keep,
-                            kept_adapters, latest_sweep, module_names_for, run_label)
+from dashboard.analyses import inputs_for, inputs_key, inputs_with, result, show, show_tables, stream_base, widget
+from dashboard.common import (MAX_UPLOAD_BYTES, answer, answers_box, chart, guarded, next_question, page_question,
+                              question, reading, result_answer, scratch_dir, table, uploader)
+from dashboard.runs import (Kept, all_runs, completed, describe_adapter, digest_of, empty_store_message,
+                            follow_default, keep, kept_adapters, latest_sweep, module_names_for, read_typed_adapter,
+                            read_uploaded_adapter, run_label)
 from dashboard.plain_text import plain
-from dashboard.typed_paths import allowed_roots_text, inside_allowed, resolve_base_path, resolve_typed_folder
+from dashboard.typed_paths import (adapter_files, allowed_roots_text, base_files, resolve_adapter_path,
+                                   resolve_base_path, version_of)
 from lora_analysis.analysis import registry
+from lora_analysis.analysis.history import history_answer, largest_modules
 from lora_analysis.analysis.spectra import relative_norm_total
 from lora_analysis.analysis.sources import adapter_shapes, load_base_weights, updates_from_adapter
-from lora_analysis.lora import read_adapter
 from lora_analysis.lora.adapter_io import Adapter
+from lora_analysis.plots.training import plot_spectra_history
+from lora_analysis.store.runs import HISTORY_FILE
 
 SWEEP, SPECTRA, ADVICE = (registry.get(n) for n in ("spectra_sweep", "spectra", "rank_advice"))
 SIMILARITY, BASE, AMPLIFICATION, INTRUDERS = (registry.get(n) for n in
@@ -100,6 +103,46 @@ def runs_view(head) -> None:
     with guarded("computing the spectra"):
         show_module_spectra(inputs, label, "run", head=None if answered else head)
     advice_section(inputs, label, "run_advice")
+    with guarded("reading the spectra recorded during training"):
+        history_section(inputs.run(label))
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading the spectra recorded during training…")
+def spectra_history_of(run_id: str, version: int, _run):
+    return _run.spectra_history()
+
+
+def history_section(run) -> None:
+    """How the chosen run's ΔW grew step by step (its spectra_history.csv: runs our trainer made, and runs
+    recorded by lora_analysis.training.callback in a Trainer or a loop of one's own); a one-line note when
+    the run recorded none."""
+    path = run.dir / HISTORY_FILE if run is not None else None
+    if path is None or not path.is_file():
+        if run is not None:
+            st.caption("This run recorded no spectra during training (full fine-tuning, or a run made before "
+                       "spectra over training were recorded).")
+        return
+    history = spectra_history_of(run.id, path.stat().st_mtime_ns, run)
+    if history is None or not len(history):
+        st.caption("This run's spectra history holds no readable rows.")
+        return
+    st.subheader("How the spectrum grew during training")
+    st.caption(plain("How did each module's update ΔW grow step by step: in effective rank (how many directions "
+                     "share its energy) and in size ‖ΔW‖_F? Recorded every few steps from the factored SVD, "
+                     "never a dense ΔW."))
+    modules = sorted(history["module"].unique())
+    chosen = st.multiselect("Modules", modules, default=largest_modules(history, 6), max_selections=12,
+                            key=f"spectra_history_modules_{run.id}",
+                            help="Opens on the modules whose ΔW is largest at the last recorded step")
+    text, rule = history_answer(history)
+    answer(text, rule)
+    if not chosen:
+        st.warning("Choose at least one module.")
+        return
+    chart(plot_spectra_history(history, chosen), key="spectra_history_chart",
+          how_to_read="each line is one module. Top: the effective rank of its ΔW (0 while ΔW = 0, at most r); "
+                      "a line that climbs means the update spreads over more directions. Bottom: ‖ΔW‖_F, how far "
+                      "the weights moved from W0.")
 
 
 # ---- an adapter (uploaded or typed), its optional base, and runs beside it ---------------------------------
@@ -112,38 +155,6 @@ BASE_CHOICES = ("No base", "Upload W0 (.safetensors)", "A base on this machine (
 
 def one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
-
-
-def adapter_from_upload(files) -> Adapter:
-    """Write the two uploaded files to a private temp folder and read them as a PEFT adapter."""
-    by_name = {f.name: f for f in files}
-    config = next((f for n, f in by_name.items() if n.endswith(".json")), None)
-    weights = next((f for n, f in by_name.items() if n.endswith(".safetensors")), None)
-    if config is None or weights is None:
-        raise ValueError("upload both adapter_config.json and adapter_model.safetensors (got "
-                         f"{', '.join(by_name) or 'nothing'})")
-    total = sum(len(f.getvalue()) for f in files)
-    if total > MAX_UPLOAD_BYTES:
-        raise ValueError(f"the upload is {total / 2**20:.0f} MiB: use the CLI for adapters over "
-                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
-    with scratch_dir() as tmp:
-        (Path(tmp) / "adapter_config.json").write_bytes(config.getvalue())
-        (Path(tmp) / "adapter_model.safetensors").write_bytes(weights.getvalue())
-        try:
-            return read_adapter(tmp)
-        except ValueError as exc:   # name the uploaded files, not our private temp folder
-            raise ValueError(str(exc).replace(f"{tmp}{os.sep}", "").replace(tmp, "the upload")) from exc
-
-
-@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
-def uploaded_adapter(digest: str, _files) -> Adapter:
-    return adapter_from_upload(_files)
-
-
-@st.cache_resource(max_entries=8, show_spinner="Reading the adapter…")
-def folder_adapter(folder: str, version: tuple) -> tuple[Adapter, str]:
-    files = [Path(folder) / "adapter_config.json", Path(folder) / "adapter_model.safetensors"]
-    return read_adapter(folder), digest_of(*(f.read_bytes() for f in files))
 
 
 def with_base(kept: Kept, weights: dict, described: str, key: str) -> None:
@@ -165,11 +176,6 @@ def uploaded_base(digest: str, key: str, _adapter: Adapter, _data: bytes) -> dic
             return load_base_weights(path, adapter_shapes(_adapter), _fan_in_fan_out(_adapter))
         except ValueError as exc:
             raise ValueError(str(exc).replace(str(path), "the uploaded base").replace(tmp, "the upload")) from exc
-
-
-@st.cache_resource(max_entries=8, show_spinner="Reading the base weights…")
-def typed_base(digest: str, path: str, version: float, _adapter: Adapter) -> dict:
-    return load_base_weights(path, adapter_shapes(_adapter), _fan_in_fan_out(_adapter))
 
 
 def base_input(kept: Kept) -> None:
@@ -214,17 +220,17 @@ def base_input(kept: Kept) -> None:
                 st.info("Type the base model's folder or a .safetensors file of W0.")
                 return
             path = resolve_base_path(typed)
-            files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-            version = max(f.stat().st_mtime_ns for f in files)
-            key = f"{path}:{version}"
+            key = f"{path}:{version_of(base_files(path))}"
             if kept.base_key != key:
-                try:
-                    weights = typed_base(kept.digest, str(path), version, kept.adapter)
-                    with_base(kept, weights, f"{choice}: {typed.strip()}", key)
+                try:        # W0 read module by module under a progress bar; none of it is kept
+                    kept.updates, kept.base_read = stream_base(kept.adapter, path)
+                    kept.base, kept.base_key = f"{choice}: {typed.strip()}", key
                 except ValueError as exc:
                     raise ValueError(one_line(exc)) from exc
+            if kept.base_read:
+                st.caption(plain(kept.base_read))
     if g.failed:        # the adapter is still shown, without W0
-        kept.updates, kept.base, kept.base_key = updates_from_adapter(kept.adapter), "", ""
+        kept.updates, kept.base, kept.base_key, kept.base_read = updates_from_adapter(kept.adapter), "", "", ""
 
 
 def adapter_inputs(kept: Kept, runs=()) -> registry.Inputs:
@@ -335,6 +341,8 @@ def adapter_view(kept: Kept, head) -> None:
     comparison with runs."""
     modules = kept.adapter.modules
     st.success(f"{len(modules)} adapted modules, ranks {sorted({int(m.rank) for m in modules.values()})}.")
+    if kept.read:
+        st.caption(plain(kept.read))
     base_input(kept)
     inputs = adapter_inputs(kept)
     with guarded("computing the spectra"):
@@ -354,8 +362,9 @@ def latest_kept(source: str) -> Kept | None:
 
 
 def upload_view(head) -> None:
-    files = uploader("A PEFT adapter: adapter_config.json and adapter_model.safetensors (safetensors and JSON only; "
-                     "pickled .bin files are never loaded)", MAX_UPLOAD_BYTES, type=["json", "safetensors"],
+    files = uploader("A PEFT adapter (adapter_config.json and adapter_model.safetensors), or one kohya, diffusers or "
+                     "loralib .safetensors file (safetensors and JSON only; pickled .bin files are never loaded)",
+                     MAX_UPLOAD_BYTES, type=["json", "safetensors"],
                      what="for the two files together", key="spectra_upload", accept_multiple_files=True,
                      more="Larger adapters: python -m lora_analysis spectra ADAPTER_FOLDER.")
     if not files:
@@ -368,8 +377,9 @@ def upload_view(head) -> None:
     else:
         with guarded("reading the adapter") as g:
             digest = digest_of(*(f.getvalue() for f in sorted(files, key=lambda f: f.name)))
-            adapter = uploaded_adapter(digest, files)
-            kept = keep(Kept("upload", digest, "upload", adapter))
+            adapter = read_uploaded_adapter(digest, files)
+            kept = keep(Kept("upload", digest, "upload", adapter,
+                             read=describe_adapter(adapter, [(f.name, len(f.getvalue())) for f in files])))
         if g.failed:
             return
     adapter_view(kept, head)
@@ -377,26 +387,24 @@ def upload_view(head) -> None:
 
 def folder_view(head) -> None:
     earlier = latest_kept("folder")
-    typed = st.text_input("Adapter folder on this machine (adapter_config.json and adapter_model.safetensors)",
+    typed = st.text_input("Adapter on this machine: a PEFT adapter folder (adapter_config.json and "
+                          "adapter_model.safetensors) or one .safetensors adapter file",
                           value=earlier.typed if earlier is not None else "",
                           key="spectra_folder", placeholder="./my-adapter",
-                          help="A PEFT adapter folder inside " + allowed_roots_text() + ". Safetensors and JSON "
-                               "only; pickled .bin files are never loaded.")
+                          help="A PEFT adapter folder, or a kohya / diffusers / loralib .safetensors file, inside "
+                               + allowed_roots_text() + ". Safetensors and JSON only; pickled .bin files are never "
+                               "loaded.")
     if not typed.strip():
-        st.info("Type the folder of any PEFT LoRA adapter (ours or one PEFT saved).")
+        st.info("Type the folder of any PEFT LoRA adapter (ours or one PEFT saved), or a .safetensors adapter file.")
         return
     with guarded("reading the adapter") as g:
-        folder = resolve_typed_folder(typed, "adapter folder")
-        files = [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
-        if not all(inside_allowed(f) for f in files):     # a link inside the folder may point out of it
-            raise ValueError(f"the adapter folder '{typed.strip()}' was refused: its files must lie inside "
-                             f"{allowed_roots_text()}")
-        if not all(f.is_file() for f in files):
-            raise ValueError(f"the adapter folder '{typed.strip()}' holds no adapter_config.json and "
-                             "adapter_model.safetensors")
-        version = tuple(f.stat().st_mtime_ns for f in files)       # a rewritten adapter is read again
-        adapter, digest = folder_adapter(str(folder), version)
-        kept = keep(Kept(folder.name or "folder", digest, "folder", adapter, typed=typed.strip()))
+        path = resolve_adapter_path(typed)         # a folder or a .safetensors file, its files inside the roots
+        files = adapter_files(path)
+        adapter = read_typed_adapter(str(path), version_of(files))     # a rewritten adapter is read again
+        digest = digest_of(*(f.read_bytes() for f in files))
+        read = describe_adapter(adapter, [(f.name, f.stat().st_size) for f in files],
+                                str(path if path.is_dir() else path.parent))
+        kept = keep(Kept(path.name or "folder", digest, "folder", adapter, typed=typed.strip(), read=read))
     if g.failed:
         return
     adapter_view(kept, head)

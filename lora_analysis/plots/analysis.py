@@ -355,6 +355,8 @@ def plot_intruders_vs_epsilon(sweep: pd.DataFrame, k: int | None = None,
                                  hovertemplate=f"{name}<br>ε=%{{x}}<br>%{{y}} intruders<extra></extra>"))
     fig.update_xaxes(title="ε (max |cosine| with W0's singular vectors below which a direction is an intruder)")
     fig.update_yaxes(title=f"intruders among top-{k} singular vectors (all modules)", rangemode="tozero")
+    if len(totals) and not totals["intruders"].any():     # no intruder at any ε: keep a 0…k scale, not plotly's ±1
+        bounded_axis(fig, "y", 0, k)
     return apply_style(fig, title)
 
 

@@ -382,3 +382,52 @@ def plot_task_metrics(table: pd.DataFrame, metric: str = "val_accuracy",
                            hovertemplate="%{x}<br>" + _label(metric) + " %{y:.5g}<extra></extra>"))
     fig.update_yaxes(title=_label(metric), rangemode="tozero")
     return apply_style(fig, title or f"Task metric: base, LoRA and full fine-tuning ({_label(metric)})")
+
+
+# Lines drawn at most in the spectra-over-training chart when the caller names no modules.
+HISTORY_MAX_LINES = 8
+
+
+def plot_spectra_history(history: pd.DataFrame, modules: list[str] | None = None,
+                         title: str | None = None) -> go.Figure:
+    """How each module's ΔW grew during training: effective rank (top panel) and ‖ΔW‖_F (bottom panel)
+    against step, one line (and colour) per module, both panels sharing the step axis.
+
+    ``history``: :meth:`lora_analysis.store.runs.Run.spectra_history` (step, module, rank, effective_rank,
+    norm, ...). ``modules``: the modules to draw (default: the :data:`HISTORY_MAX_LINES` with the largest
+    ‖ΔW‖_F at the last step). Step 0 of a fresh LoRA (B = 0) is drawn at 0 on both panels: nothing learned
+    yet. A module recorded once is a marker."""
+    from ..analysis.history import largest_modules
+
+    _need(history, ["step", "module", "effective_rank", "norm"], "plot_spectra_history")
+    if modules is None:
+        modules = largest_modules(history, HISTORY_MAX_LINES)
+    unknown = [m for m in modules if m not in set(history["module"])]
+    if unknown:
+        raise ValueError(f"module {unknown[0]!r} is not in the history: choose from "
+                         f"{', '.join(sorted(set(history['module']))[:6])}, ...")
+    data = history[history["module"].isin(modules)].sort_values("step")
+    ranks = sorted({int(r) for r in finite(data["rank"])}) if "rank" in data.columns else []
+    rank_text = f" (r = {ranks[0]})" if len(ranks) == 1 else ""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=[f"effective rank of ΔW{rank_text}", "‖ΔW‖_F"])
+    colors = run_colors(modules)
+    for module in modules:
+        part = data[data["module"] == module]
+        label = safe_label(module)
+        mode = "lines+markers" if 1 < len(part) <= 30 else "lines" if len(part) > 30 else "markers"
+        for row, column, what in ((1, "effective_rank", "effective rank"), (2, "norm", "‖ΔW‖_F")):
+            fig.add_trace(go.Scatter(x=part["step"], y=part[column], mode=mode, name=label, legendgroup=label,
+                                     showlegend=row == 1, line={"color": colors[module], "width": 1.8},
+                                     marker={"color": colors[module], "size": 5},
+                                     hovertemplate=f"{label}<br>step %{{x}}<br>{what} %{{y:.4g}}<extra></extra>"),
+                          row=row, col=1)
+    steps = finite(data["step"])
+    x_range = fit_range(steps, pad=0.02)
+    fig.update_xaxes(range=x_range, tickformat="d", dtick=1 if x_range and x_range[1] - x_range[0] <= 10 else None)
+    fig.update_xaxes(title="step", row=2, col=1)
+    fig.update_yaxes(title="effective rank", range=fit_range(data["effective_rank"]), row=1, col=1)
+    fig.update_yaxes(title="‖ΔW‖_F", range=fit_range(data["norm"]), row=2, col=1)
+    fig.update_layout(height=560)
+    shown = f"{len(modules)} of {history['module'].nunique()} modules"
+    return apply_style(fig, title or "How the spectrum of ΔW grew during training", subtitle=shown)

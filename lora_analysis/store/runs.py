@@ -5,6 +5,8 @@
                                   BLAS, CPU, device), status, error, final metrics, timestamps, the writer's
                                   identity (pid, its start time, host) and the run's origin (its first id)
         metrics.csv               one row per step: train_loss (+ val_* on evaluation steps); appended to
+        spectra_history.csv       LoRA runs that recorded it: one row per recording step and module, the
+                                  factored spectrum's numbers (see :data:`HISTORY_COLUMNS`); appended to
         adapter/                  LoRA runs: the adapter in PEFT format (adapter_config.json + safetensors)
         full_weights.safetensors  full fine-tuning runs: W_ft of every adaptable module, (out, in) float32
         base_weights.safetensors  W0 of the same modules, (out, in), when small enough to keep beside the run
@@ -56,6 +58,11 @@ from .liveness import is_alive, on_this_host, process_identity
 
 STATUSES = ("running", "completed", "failed", "interrupted", "cancelled")
 RUN_FILE, METRICS_FILE = "run.json", "metrics.csv"
+HISTORY_FILE = "spectra_history.csv"
+# spectra_history.csv: these columns, then sigma_1 .. sigma_K (the top K singular values of the scaled ΔW,
+# K fixed by the run's first recording: its largest rank, at most HISTORY_TOP_K)
+HISTORY_COLUMNS = ["step", "module", "rank", "effective_rank", "stable_rank", "norm", "spectral_norm"]
+HISTORY_TOP_K = 64
 ADAPTER_DIR, FULL_WEIGHTS, BASE_WEIGHTS = "adapter", "full_weights.safetensors", "base_weights.safetensors"
 # every parameter of a fully fine-tuned model (biases and norms too), kept when small, to restore the model
 FULL_MODEL = "full_model.safetensors"
@@ -131,6 +138,12 @@ class Run:
         not reads NaN); a file that is not CSV reads as no rows, with a warning."""
         return read_metrics_csv(self.dir / METRICS_FILE, max_bytes)
 
+    def spectra_history(self, max_bytes: int = MAX_METRICS_READ_BYTES) -> pd.DataFrame | None:
+        """The spectra recorded during training (spectra_history.csv: one row per recording step and
+        module: step, module, rank, effective_rank, stable_rank, norm = ‖ΔW‖_F, spectral_norm = σ₁,
+        sigma_1 .. sigma_K), or None when the run recorded none. Read bounded like :meth:`metrics_frame`."""
+        return read_history_csv(self.dir / HISTORY_FILE, max_bytes)
+
 
 def effective_status(record: dict, now: float | None = None) -> str:
     """The status to show: a "running" record whose process is gone reads "interrupted"."""
@@ -148,30 +161,57 @@ def effective_status(record: dict, now: float | None = None) -> str:
     return "running" if is_alive(record) and silent < 12 * HEARTBEAT_STALE_S else "interrupted"
 
 
-def read_metrics_csv(path: Path, max_bytes: int = MAX_METRICS_READ_BYTES) -> pd.DataFrame:
-    """metrics.csv as numbers, reading at most the header and the last ``max_bytes`` bytes."""
-    empty = pd.DataFrame(columns=["step", "train_loss"])
+def _read_csv_tail(path: Path, max_bytes: int, what: str, **read_csv) -> tuple[pd.DataFrame | None, bool]:
+    """A CSV file's header and its last ``max_bytes`` bytes (the first, partial line of the tail dropped), as
+    a frame (``read_csv``: options of :func:`pandas.read_csv`), and whether the file was cut; (None, False)
+    when the file is missing, unreadable or not CSV (with a warning for the last two)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             if size <= max_bytes:
-                data = f.read()
+                data, cut = f.read(), False
             else:
                 header = f.readline(64 * 2**10)
                 f.seek(size - max_bytes)
                 tail = f.read(max_bytes)
-                data = header + tail[tail.find(b"\n") + 1:]
+                data, cut = header + tail[tail.find(b"\n") + 1:], True
     except FileNotFoundError:
-        return empty
+        return None, False
     except OSError as exc:          # a folder named metrics.csv, no permission: no curves, not a crash
-        warnings.warn(f"{path} cannot be read ({exc}): no metrics shown", stacklevel=3)
-        return empty
+        warnings.warn(f"{path} cannot be read ({exc}): no {what} shown", stacklevel=4)
+        return None, False
     try:
-        frame = pd.read_csv(io.BytesIO(data))
+        return pd.read_csv(io.BytesIO(data), **read_csv), cut
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        warnings.warn(f"{path} is not a readable CSV file ({exc}): no metrics shown", stacklevel=3)
-        return empty
+        warnings.warn(f"{path} is not a readable CSV file ({exc}): no {what} shown", stacklevel=4)
+        return None, False
+
+
+def read_metrics_csv(path: Path, max_bytes: int = MAX_METRICS_READ_BYTES) -> pd.DataFrame:
+    """metrics.csv as numbers, reading at most the header and the last ``max_bytes`` bytes."""
+    frame, _ = _read_csv_tail(path, max_bytes, "metrics")
+    if frame is None:
+        return pd.DataFrame(columns=["step", "train_loss"])
     return frame.apply(pd.to_numeric, errors="coerce")
+
+
+def read_history_csv(path: Path, max_bytes: int = MAX_METRICS_READ_BYTES) -> pd.DataFrame | None:
+    """spectra_history.csv (:data:`HISTORY_COLUMNS` + ``sigma_1`` ..), reading at most the header and the
+    last ``max_bytes`` bytes; None when the run has no readable history. ``module`` is text, every other
+    column numeric (a value that is not reads NaN); rows without a step or a module are dropped. A cut file
+    loses its oldest recording in the window too (it may hold only some of the modules), so every step
+    shown is whole."""
+    frame, cut = _read_csv_tail(path, max_bytes, "spectra history", dtype={"module": str}, keep_default_na=False)
+    if frame is None or "step" not in frame.columns or "module" not in frame.columns:
+        if frame is not None:
+            warnings.warn(f"{path} has no step and module columns: no spectra history shown", stacklevel=3)
+        return None
+    numeric = [c for c in frame.columns if c != "module"]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
+    frame = frame[frame["step"].notna() & (frame["module"] != "")]
+    if cut and len(frame):
+        frame = frame[frame["step"] != frame["step"].iloc[0]]
+    return frame.reset_index(drop=True)
 
 
 # ---- the run.json schema ----------------------------------------------------------------------------------
@@ -558,6 +598,7 @@ class RunWriter:
         self.flush_every_s, self._last_flush = flush_every_s, 0.0
         self._columns: list[str] = []        # metrics.csv's header as written
         self._written = 0                    # rows already in metrics.csv
+        self._history_columns: list[str] = []   # spectra_history.csv's header as written
 
     @property
     def id(self) -> str:
@@ -582,11 +623,32 @@ class RunWriter:
             append_text(path, _csv_text(columns, new, header=False))
         self._columns, self._written = columns, len(self.rows)
 
+    def log_history(self, rows: list[dict]) -> None:
+        """Append one recording of the spectra (a row per module: :data:`HISTORY_COLUMNS` and ``sigma_i``)
+        to spectra_history.csv at once. The first call fixes the columns: ``sigma_1`` .. ``sigma_K``, K the
+        most values any of its rows has (at most :data:`HISTORY_TOP_K`); later values past K are left out
+        and missing ones are empty. The first write creates the file atomically; later ones append."""
+        if not rows:
+            return
+        path = self.dir / HISTORY_FILE
+        if not self._history_columns:
+            k = min(HISTORY_TOP_K, max(sum(1 for key in row if key.startswith("sigma_")) for row in rows))
+            self._history_columns = HISTORY_COLUMNS + [f"sigma_{i}" for i in range(1, k + 1)]
+            atomic_write_text(path, _csv_text(self._history_columns, rows, header=True))
+        else:
+            append_text(path, _csv_text(self._history_columns, rows, header=False))
+
     def flush(self) -> None:
         self._write_metrics()
         self.record["heartbeat"] = time.time()
         atomic_write_text(self.dir / RUN_FILE, json.dumps(self.record, indent=2, default=_json_default) + "\n")
         self._last_flush = time.time()
+
+    def touch(self, max_age_s: float = 30.0) -> None:
+        """Flush (new metric rows, and the heartbeat) when the last flush is older than ``max_age_s``: a run
+        that goes on without logging still shows it is alive."""
+        if time.time() - self._last_flush >= max_age_s:
+            self.flush()
 
     def update(self, **fields) -> None:
         self.record.update(fields)

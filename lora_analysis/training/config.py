@@ -132,15 +132,30 @@ class RunSettings:
 
     model: str = setting("mlp-digits", "mlp-digits, tiny-gpt, minilm, a Hugging Face hub id or a local model folder",
                          model_name, group="model and data")
-    data: str | None = setting(None, "CSV table (mlp-digits); corpus name / .txt .jsonl .csv text file (language "
-                                     "models); bshift-python-docs / .csv .jsonl file with text and label columns "
-                                     "(encoders: minilm, BERT...); default: the model's own task", text,
-                               group="model and data")
+    data: str | None = setting(None, "CSV table (mlp-digits); for language models a corpus name (python-docs, "
+                                     "python-source), for encoders (minilm, BERT...) a text task "
+                                     "(bshift-python-docs), or for any of them a .txt/.jsonl/.json/.csv/.parquet "
+                                     "file, a folder of them, or a Hugging Face dataset id (loaded with datasets); "
+                                     "default: the model's own task", text, group="model and data")
+    data_split: str | None = setting(None, "training split of a dataset (e.g. train, or train[:2000]); the held-out "
+                                           "split is its validation or test split, else a seeded fraction "
+                                           "(default: train)", text, group="model and data")
+    data_config: str | None = setting(None, "config name of a Hugging Face dataset (e.g. wikitext-2-raw-v1)", text,
+                                      group="model and data")
     label_column: str | None = setting(None, "label column of a CSV table or text-classification file (default: label, "
                                              "target or class)", text, group="model and data")
-    text_field: str | None = setting(None, "text column of a .csv/.jsonl file: the training text (language models) "
-                                           "or the texts to classify (encoders) (default: text)", text,
+    text_field: str | None = setting(None, "text column of the data: the training text (language models, packed "
+                                           "into windows) or the texts to classify (encoders) (default: text)", text,
                                      group="model and data", flags=("--text-column",))
+    prompt_column: str | None = setting(None, "prompt column of instruction data (Hugging Face causal LMs; the loss "
+                                              "is on the response only) (default: prompt, instruction or question "
+                                              "when a response column is there too)", text, group="model and data")
+    response_column: str | None = setting(None, "response column of instruction data (default: response, "
+                                                "completion, output or answer)", text, group="model and data")
+    messages_column: str | None = setting(None, "column of chat conversations, lists of {role, content} messages "
+                                                "rendered with the tokenizer's chat template; the loss is on the "
+                                                "assistant turns only (default: messages, when present)", text,
+                                          group="model and data")
     task: str | None = setting(None, "classification (encoders: BERT, RoBERTa, DeBERTa, ModernBERT...) or causal-lm "
                                      "(default: what the model's config says)", task_name, group="model and data",
                                choices=TASKS)
@@ -170,6 +185,10 @@ class RunSettings:
                            "on CPU", integer(0, optional=False), group="optimisation")
     device: str = setting("auto", "auto (cuda > mps > cpu), cuda, mps or cpu", device_name, group="optimisation")
     bf16: bool = setting(False, "bfloat16 autocast (CUDA only)", flag, group="optimisation")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory: recompute activations in the backward "
+                                                  "pass (Hugging Face models that support it, and tiny-gpt)", flag, group="optimisation")
+    compile: bool = setting(False, "compile the model with torch.compile (in place; first steps are slower)", flag,
+                            group="optimisation")
     max_eval_tokens: int = setting(16384, "tokens per evaluation at most (language models)",
                                    integer(1, optional=False), group="optimisation")
     threads: int | None = setting(None, "CPU threads torch uses for the run (default 0: auto, one thread for the "

@@ -12,7 +12,8 @@ A built-in text-classification task ships the same way:
     embeddings trained for meaning barely see it, so a frozen encoder does poorly and fine-tuning helps.
 
 Built-in language models read text per byte of UTF-8 (:class:`ByteTokenizer`); Hugging Face models use
-their own tokenizer (:mod:`.hf`).
+their own tokenizer (:mod:`.hf`). Users' data files, folders and hub datasets are loaded with Hugging Face
+``datasets`` (:mod:`.hf_data`); :func:`read_text_file` remains the plain reader of one text file.
 """
 
 from __future__ import annotations
@@ -239,47 +240,18 @@ def read_text_file(path: str | os.PathLike, text_field: str | None = None) -> st
     return text
 
 
-LABEL_COLUMNS = ("label", "target", "class")
-
-
 def read_text_classification(path: str | os.PathLike, text_column: str | None = None,
                              label_column: str | None = None) -> TextTable:
-    """Texts and labels from a ``.csv`` or ``.jsonl`` file: the ``text_column`` (default the first of
-    text/sentence/content/body/code present) and the ``label_column`` (default label/target/class). Labels
-    are taken as text; ``classes`` are their sorted distinct values. Raises ``ValueError`` naming the file,
-    and the row of the first empty text or label."""
-    import pandas as pd
+    """Texts and labels of every row of a ``.csv``/``.jsonl``/``.json``/``.parquet`` file, read with
+    ``datasets`` (:mod:`.hf_data`): the ``text_column`` (default the first of text/sentence/content/body/
+    code present) and the ``label_column`` (default label/labels/target/class). Labels are taken as text;
+    ``classes`` are their sorted distinct values. Raises ``ValueError`` naming the file, and the row of the
+    first empty text or label."""
+    from . import hf_data
 
-    path = _check_file(path, "text-classification", (".csv", ".jsonl"))
-    content = _read_utf8(path, "text-classification")
-    try:
-        frame = (pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False) if path.suffix.lower() == ".csv"
-                 else pd.read_json(io.StringIO(content), lines=True, dtype=False))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        raise ValueError(f"text-classification file '{path}' could not be parsed "
-                         f"({str(exc).strip().splitlines()[0]})") from exc
-    columns = [str(c) for c in frame.columns]
-    text_column = text_column or next((c for c in ("text", "sentence", *TEXT_FIELDS[1:]) if c in columns), None)
-    label_column = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
-    for role, column, flag in (("text", text_column, "--text-column"), ("label", label_column, "--label-column")):
-        if column is None or column not in columns:
-            raise ValueError(f"text-classification file '{path}' has no {role} column "
-                             f"{repr(column) if column else ''} (columns: {', '.join(columns[:12])}): name it "
-                             f"with {flag}")
-    if frame.empty:
-        raise ValueError(f"text-classification file '{path}' has a header but no rows")
-    texts = [("" if v is None else str(v)) for v in frame[text_column]]
-    labels = [("" if v is None else str(v).strip()) for v in frame[label_column]]
-    for kind, values in (("text", texts), ("label", labels)):
-        empty = next((i for i, v in enumerate(values) if not v.strip() or v == "nan"), None)
-        if empty is not None:
-            raise ValueError(f"text-classification file '{path}': row {empty + 1} has an empty {kind}")
-    classes = sorted(set(labels))
-    if len(classes) < 2:
-        raise ValueError(f"text-classification file '{path}': label column {label_column!r} has only one class "
-                         f"({classes[0]!r})")
-    index = {c: i for i, c in enumerate(classes)}
-    return TextTable(texts, torch.tensor([index[v] for v in labels], dtype=torch.long), classes)
+    splits = hf_data.load_splits(str(path))
+    table, _ = hf_data.classification_tables(splits, text_column, label_column)
+    return table
 
 
 def encode_texts(texts: list[str], max_len: int, tokenizer=None, vocab_size: int = 256,

@@ -12,8 +12,10 @@ Built-in, offline, each pretrained once and cached (keyed by its config and a ha
     probe fitted on the frozen encoder (cached), so the base's score is what the frozen features can do.
     Default task: Bigram Shift on the CPython docs (``bshift-python-docs``, see :mod:`.data`).
 Any Hugging Face model by hub id or local directory (:mod:`.hf`): causal LMs (``AutoModelForCausalLM``) are
-fine-tuned on a text corpus or file; encoders (BERT, RoBERTa, DeBERTa, ModernBERT...) are fine-tuned for
-sequence classification (``AutoModelForSequenceClassification``) on a text task or a .csv/.jsonl file with
+fine-tuned on a text corpus, or on a file, folder or hub dataset loaded with ``datasets`` (:mod:`.hf_data`:
+plain text packed into windows, or instruction/chat data with the loss on the responses only); encoders
+(BERT, RoBERTa, DeBERTa, ModernBERT...) are fine-tuned for sequence classification
+(``AutoModelForSequenceClassification``) on a text task or a data file, folder or hub dataset with
 text and label columns, their new head trained and saved beside LoRA (``modules_to_save``, as PEFT does).
 """
 
@@ -41,11 +43,11 @@ from torch.nn import functional as F
 
 from .data import (ByteTokenizer, ClassificationSplit, TextClassificationSplit, TextTable, TokenSplit, cache_dir,
                    classification_batch, classification_inputs, corpus_text, encode_texts, read_tabular_csv,
-                   read_text_classification, read_text_file, sha256_text, split_classification,
-                   split_text_classification, split_tokens, text_task_table, token_batch, CORPORA, TEXT_TASKS)
+                   sha256_text, split_classification, split_text_classification, split_tokens, text_task_table,
+                   token_batch, CORPORA, TEXT_TASKS)
 from ..store.files import atomic_save_tensors, atomic_write_bytes, atomic_write_text
 from .gpt import GPTConfig, TinyGPT
-from . import hf
+from . import hf, hf_data
 
 BUILTIN_MODELS = ("mlp-digits", "tiny-gpt", "minilm")
 BUILTIN_TASKS = {"mlp-digits": "classification", "tiny-gpt": "causal-lm", "minilm": "classification"}
@@ -57,7 +59,7 @@ DEFAULTS = {
                    "targets": "all-linear"},
     "tiny-gpt": {"lr": {"lora": 3e-3, "full": 5e-4}, "steps": 150, "batch_size": 32, "eval_every": 50,
                  "targets": ["q_proj", "v_proj"]},
-    "minilm": {"lr": {"lora": 3e-3, "full": 1e-4}, "steps": 200, "batch_size": 16, "eval_every": 50,
+    "minilm": {"lr": {"lora": 1e-3, "full": 1e-4}, "steps": 200, "batch_size": 16, "eval_every": 50,
                "targets": ["query", "value"]},
     "hf": {"lr": {"lora": 1e-3, "full": 5e-5}, "steps": 100, "batch_size": 8, "eval_every": 25,
            "targets": None},
@@ -74,7 +76,7 @@ HF_TARGETS = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
 }
 
-Data = Union[ClassificationSplit, TokenSplit]
+Data = Union[ClassificationSplit, TokenSplit, hf_data.LMExampleSplit]
 
 
 @dataclass
@@ -120,9 +122,12 @@ class Task:
         return out.logits if hasattr(out, "logits") else out
 
     def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """Mean cross-entropy of the logits against y over the targets that are not -100 (padding, and the
+        prompt of instruction data: no loss there)."""
         x, y = batch
         logits = self.logits(model, x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                               ignore_index=hf_data.IGNORE_INDEX)
 
     def fingerprint(self) -> str:
         return sha256_text(self.model_name, self.data_name, self.data.fingerprint(),
@@ -540,24 +545,27 @@ def _fit_probe(model: nn.Module, data: TextClassificationSplit, seed: int) -> tu
 
 # ---- Hugging Face encoders for sequence classification ----------------------------------------------------
 
-def _text_classification_data(data: str | None, text_field: str | None,
-                              label_column: str | None) -> tuple[TextTable, str]:
+def _text_classification_data(data: str | None, text_field: str | None, label_column: str | None,
+                              data_split: str | None = None, data_config: str | None = None
+                              ) -> tuple[TextTable, TextTable | None, str]:
+    """(train, held-out or None, name): a built-in text task, or a file, folder or hub dataset loaded with
+    ``datasets`` (:mod:`.hf_data`); held-out is the data's own validation/test split when it has one."""
     name = data or TEXT_TASKS[0]
     if name in TEXT_TASKS:
-        return text_task_table(name), name
-    if Path(name).suffix.lower() in (".csv", ".jsonl") or Path(name).expanduser().exists():
-        return read_text_classification(name, text_field, label_column), str(Path(name).expanduser().resolve())
-    raise ValueError(f"data={name!r} is neither a built-in text task ({', '.join(TEXT_TASKS)}) nor a .csv or .jsonl "
-                     "file with a text and a label column")
+        return text_task_table(name), None, name
+    splits = hf_data.load_splits(name, split=data_split, config_name=data_config)
+    train, val = hf_data.classification_tables(splits, text_field, label_column)
+    return train, val, splits.name
 
 
 def _classification_task(model: str, source: str, data: str | None, *, seq_len: int | None, text_field: str | None,
                          label_column: str | None, seed: int, probe: bool = False,
-                         base_model_name_or_path: str | None = None) -> Task:
+                         base_model_name_or_path: str | None = None, data_split: str | None = None,
+                         data_config: str | None = None) -> Task:
     """An encoder (``source``: folder or hub id) with a new classification head over the text data. With
     ``probe`` the head is a linear probe fitted on the frozen encoder (cached), so the base's metrics say
     what the frozen features can do; otherwise it is PEFT's new head, initialised from ``seed``."""
-    table, data_name = _text_classification_data(data, text_field, label_column)
+    table, held, data_name = _text_classification_data(data, text_field, label_column, data_split, data_config)
     config = hf.load_config(source)
     tokenizer, tok_note = hf.load_tokenizer(source)
     hf_model, new = hf.load_model(source, "classification", num_labels=len(table.classes), labels=table.classes,
@@ -576,7 +584,11 @@ def _classification_task(model: str, source: str, data: str | None, *, seq_len: 
     ids, mask = encode_texts(table.texts, length, tokenizer, vocab, pad_id)
     if int(ids.max()) >= vocab:
         raise ValueError(f"the tokenizer gives ids up to {int(ids.max())} but the model's vocabulary has {vocab}")
-    split = split_text_classification(ids, mask, table.y, len(table.classes), table.groups, 0.2, seed)
+    if held is None:     # no held-out split of its own: a seeded fifth of the rows (of the groups)
+        split = split_text_classification(ids, mask, table.y, len(table.classes), table.groups, 0.2, seed)
+    else:
+        val_ids, val_mask = encode_texts(held.texts, length, tokenizer, vocab, pad_id)
+        split = TextClassificationSplit(ids, table.y, val_ids, held.y, len(table.classes), mask, val_mask)
     info = {"classes": table.classes, "model_type": config.model_type, "tokenizer": tok_name(tokenizer, vocab)}
     if tokenizer is None:
         info["tokenizer_warning"] = tok_note
@@ -615,26 +627,63 @@ def tok_name(tokenizer, vocab: int) -> str:
 
 # ---- one entry point -------------------------------------------------------------------------------------
 
-def _text_for(data: str | None, default: str, text_field: str | None) -> tuple[str, str]:
+def _text_splits(data: str | None, default: str, data_split: str | None = None,
+                 data_config: str | None = None) -> hf_data.Splits:
+    """Language-model data as ``datasets`` splits: a built-in corpus (one text), or a file, folder or hub
+    dataset (:func:`.hf_data.load_splits`)."""
     name = data or default
     if name in CORPORA:
-        return corpus_text(name), name
-    if Path(name).suffix.lower() in (".txt", ".jsonl", ".csv") or Path(name).exists():
-        return read_text_file(name, text_field), str(Path(name).expanduser().resolve())
-    raise ValueError(f"data={name!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a .txt, .jsonl "
-                     "or .csv file")
+        from datasets import Dataset
+        return hf_data.Splits(Dataset.from_dict({"text": [corpus_text(name)]}), None, name, "")
+    return hf_data.load_splits(name, split=data_split, config_name=data_config)
+
+
+def _byte_streams(splits: hf_data.Splits, text_field: str | None, tokenizer: ByteTokenizer,
+                  seq_len: int) -> TokenSplit:
+    """tiny-gpt's data: the texts of a text column joined by blank lines, per byte; held out: the data's own
+    held-out split, else the last tenth of the stream."""
+    where = f"data '{splits.name}'"
+    column = hf_data.column(splits.columns, text_field, hf_data.TEXT_COLUMNS, "text", "--text-column", where)
+
+    def stream(part) -> torch.Tensor:
+        text = "\n\n".join(t for t in part[column] if t)
+        if not text.strip():
+            raise ValueError(f"{where} holds no text in its {column!r} column")
+        return tokenizer.encode(text)
+    if splits.val is None:
+        return split_tokens(stream(splits.train), seq_len)
+    train, val = stream(splits.train), stream(splits.val)
+    for part, ids in (("training", train), ("held-out", val)):
+        if len(ids) < seq_len + 1:
+            raise ValueError(f"{where}: its {part} split gives {len(ids)} tokens: too few for one window of "
+                             f"{seq_len} tokens (need {seq_len + 1})")
+    return TokenSplit(train, val, seq_len)
+
+
+# The settings that decide a task (its base and data split): a sweep's runs share them, and a run's config
+# rebuilds its task from them (``prepare_task(**{k: config[k] for k in TASK_SETTINGS})``).
+TASK_SETTINGS = ("model", "data", "data_split", "data_config", "pretrain_steps", "seq_len", "label_column",
+                 "text_field", "prompt_column", "response_column", "messages_column", "task")
 
 
 def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | None = None,
                  seq_len: int | None = None, label_column: str | None = None, text_field: str | None = None,
-                 seed: int = 0, progress: Callable | None = None, task: str | None = None) -> Task:
+                 seed: int = 0, progress: Callable | None = None, task: str | None = None,
+                 data_split: str | None = None, data_config: str | None = None, prompt_column: str | None = None,
+                 response_column: str | None = None, messages_column: str | None = None) -> Task:
     """Build the :class:`Task` for ``model`` (a built-in name, a Hugging Face hub id, or a local folder).
 
     ``data``: for ``mlp-digits`` a CSV table (see ``_csv_splits``), default the rotated-digits task; for
     language models a built-in corpus (``python-docs``, ``python-source``) or a .txt/.jsonl/.csv text file,
     default ``python-source``; for encoders (``minilm``, or a Hugging Face BERT, RoBERTa, DeBERTa,
     ModernBERT...) a built-in text task (default ``bshift-python-docs``) or a .csv/.jsonl file whose
-    ``text_field`` column holds the texts and ``label_column`` the labels. ``task`` ("classification" or
+    ``text_field`` column holds the texts and ``label_column`` the labels. Files, folders and hub datasets
+    are loaded with ``datasets`` (:mod:`.hf_data`): ``data_split`` is the training split (default train),
+    ``data_config`` a hub dataset's config name; the held-out part is the data's own validation/test split
+    when it has one, else a seeded fraction. A Hugging Face causal LM also takes instruction data
+    (``prompt_column``/``response_column``) and chat data (``messages_column``, rendered with the tokenizer's
+    chat template), its loss on the responses only; plain text is packed into windows of ``seq_len``
+    tokens. ``task`` ("classification" or
     "causal-lm") overrides what a Hugging Face model's config says it is. ``pretrain_steps`` shortens
     pretraining of built-in bases (tests); the cache keys on it. A Hugging Face folder without any
     tokenizer file is fed UTF-8 bytes (modulo the vocabulary size when it is below 256), with a warning
@@ -656,7 +705,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
     if model == "minilm":
         return _classification_task("minilm", str(minilm_folder()), data, seq_len=seq_len, text_field=text_field,
                                     label_column=label_column, seed=seed, probe=True,
-                                    base_model_name_or_path=MINILM_HUB_ID)
+                                    base_model_name_or_path=MINILM_HUB_ID, data_split=data_split,
+                                    data_config=data_config)
 
     if model == "mlp-digits":
         if data:
@@ -680,8 +730,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
         config = TINY_GPT if seq_len is None else GPTConfig(**{**TINY_GPT.to_dict(), "block_size": seq_len})
         tok = ByteTokenizer(config.vocab_size)
         source_tokens = split_tokens(tok.encode(corpus_text("python-docs")), config.block_size)
-        text, data_name = _text_for(data, "python-source", text_field)
-        target = split_tokens(tok.encode(text), config.block_size)
+        splits = _text_splits(data, "python-source", data_split, data_config)
+        target, data_name = _byte_streams(splits, text_field, tok, config.block_size), splits.name
         steps = pretrain_steps or PRETRAIN_STEPS[model]
         cfg = {"arch": "TinyGPT", **config.to_dict(), "corpus": "python-docs", "steps": steps, "seed": seed,
                "lr": 3e-3, "batch_size": 32}
@@ -696,7 +746,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
     kind = task or hf.infer_task(hf.load_config(model))
     if kind == "classification":
         return _classification_task(model, model, data, seq_len=seq_len, text_field=text_field,
-                                    label_column=label_column, seed=seed)
+                                    label_column=label_column, seed=seed, data_split=data_split,
+                                    data_config=data_config)
     hf_model, _ = hf.load_model(model, "causal-lm")
     tokenizer, tok_note = hf.load_tokenizer(model)
     vocab = int(hf_model.get_input_embeddings().weight.shape[0])
@@ -705,16 +756,14 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
     length = seq_len or min(128, max_len)
     if length > max_len:
         raise ValueError(f"seq_len={length} is longer than the model's context of {max_len} tokens")
-    text, data_name = _text_for(data, "python-source", text_field)
-    if tokenizer is not None:
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    else:
-        ids = ByteTokenizer(vocab).encode(text)
-    if len(ids) == 0:
-        raise ValueError(f"the tokenizer turned the text of {data_name} into no tokens")
-    if int(ids.max()) >= vocab:
-        raise ValueError(f"the tokenizer gives ids up to {int(ids.max())} but the model's vocabulary has {vocab}")
-    target = split_tokens(ids, length)
+    splits = _text_splits(data, "python-source", data_split, data_config)
+    target = hf_data.causal_lm_split(splits, tokenizer, length, vocab_size=vocab, text_column=text_field,
+                                     prompt_column=prompt_column, response_column=response_column,
+                                     messages_column=messages_column, seed=seed)
+    data_name = splits.name
+    top = target.max_token_id()
+    if top >= vocab:
+        raise ValueError(f"the tokenizer gives ids up to {top} but the model's vocabulary has {vocab}")
     local = Path(model).expanduser()
     ref = str(local.resolve()) if local.is_dir() else model
     defaults = {**DEFAULTS["hf"], "targets": hf_default_targets(hf_model)}
@@ -722,7 +771,8 @@ def prepare_task(model: str, data: str | None = None, *, pretrain_steps: int | N
     def make() -> nn.Module:
         return copy.deepcopy(hf_model)   # the loaded base stays untouched; each run trains its own copy
     info = {"tokenizer": tok_name(tokenizer, vocab), "model_type": hf_model.config.model_type,
-            "pretrain_config": {"hf": ref}}
+            "pretrain_config": {"hf": ref}, "data_layout": target.layout, "held_out": target.held_out,
+            "examples": {"train": len(target.train), "val": len(target.val)}}
     if tokenizer is None:
         info["tokenizer_warning"] = tok_note
     return Task(ref, "causal-lm", make, target, data_name, defaults, base_model_name_or_path=ref,

@@ -5,6 +5,10 @@ training state holds and the process's peak RSS; when the run is saved it also w
 (:mod:`lora_analysis.runstore`): run.json and metrics.csv as the run goes, then the weights (LoRA: the
 adapter in PEFT format; full fine-tuning: W_ft, and the whole model when small; both: W0 when small).
 
+A saved LoRA run also records its spectra over training (spectra_history.csv, :mod:`lora_analysis.analysis.history`):
+the factored spectrum of every LoRA module at every row that has evaluation metrics, step 0 (the frozen base:
+ΔW = 0, every number 0) included, so the Spectra page can draw how effective rank and ‖ΔW‖_F grew.
+
 Memory on CPU is counted from tensors (parameters + gradients + optimizer states: what differs between LoRA
 and full fine-tuning) plus the peak RSS; on CUDA it is ``torch.cuda.max_memory_allocated``.
 """
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import runstore
+from ..analysis.history import lora_factors, spectra_rows
 from ..lora import lora_layers, save_adapter
 from ..lora.config import format_targets, parse_targets
 from ..lora.layer import weight_out_in
@@ -102,7 +107,8 @@ class RunRecord:
         self.named = False                   # a name the caller gave is kept; a default one is refined
         self.rows: list[dict] = []
         self.status, self.error = "completed", None
-        self.seconds = {"train": 0.0, "eval": 0.0}
+        self.seconds = {"train": 0.0, "eval": 0.0, "spectra": 0.0}
+        self.model: nn.Module | None = None      # the model being trained (from begin): its spectra are recorded
         self.memory: dict = {}
         self.steps_done = 0
         self.base_metrics: dict = {}
@@ -123,13 +129,18 @@ class RunRecord:
         record.named = name is not None
         return record
 
-    def begin(self, cfg: TrainConfig, task: Task, model: nn.Module, w0: dict[str, torch.Tensor]) -> None:
+    def begin(self, cfg: TrainConfig, task: Task, model: nn.Module, w0: dict[str, torch.Tensor],
+              device_options: dict | None = None) -> None:
         """The model is built: record the resolved settings, the task and the environment now in effect
-        (the thread count may have changed with the model's size)."""
+        (the thread count may have changed with the model's size), with ``device_options``: what
+        :func:`.runtime.prepare_for_device` applied (gradient checkpointing, torch.compile), when anything."""
         self.cfg, self.task, self.w0 = cfg, task, w0
+        self.model = model
         if self.writer:
-            self.writer.update(config=cfg.to_dict(), task=task_record(task, model),
-                               environment=runstore.environment(self.device),
+            environment = runstore.environment(self.device)
+            if device_options:
+                environment["device_options"] = device_options
+            self.writer.update(config=cfg.to_dict(), task=task_record(task, model), environment=environment,
                                **({} if self.named else {"name": default_run_name(cfg)}))
             self.writer.flush()
 
@@ -160,7 +171,8 @@ class RunRecord:
         self.seconds[kind] += time.perf_counter() - t0
 
     def log(self, step: int, train_loss: float, metrics: dict | None) -> None:
-        """One row of the history: the step's loss and, on evaluation steps, the val_* metrics."""
+        """One row of the history: the step's loss and, on evaluation steps, the val_* metrics; an evaluation
+        row also records the LoRA spectra (:meth:`log_spectra`) of the model given to :meth:`begin`."""
         if step == 0:
             self.base_metrics = dict(metrics or {})
         elif metrics:
@@ -172,6 +184,17 @@ class RunRecord:
         self.rows.append(row)
         if self.writer:
             self.writer.log(row)
+        if metrics and self.model is not None:
+            self.log_spectra(step, self.model)
+
+    def log_spectra(self, step: int, model: nn.Module) -> None:
+        """Append the factored spectra of ``model``'s LoRA modules at ``step`` to the run's
+        spectra_history.csv (saved LoRA runs only; a few ms for a small model: no dense ΔW)."""
+        if not self.writer or self.cfg.method != "lora":
+            return
+        t0 = time.perf_counter()
+        self.writer.log_history(spectra_rows(lora_factors(model), step))
+        self.seconds["spectra"] += time.perf_counter() - t0
 
     def count_memory(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Count the training state once every optimizer state exists (after the first step)."""
@@ -225,7 +248,7 @@ class RunRecord:
         samples = steps * cfg.batch_size
         out.update(steps_done=steps, trainable_params=trainable, total_params=total,
                    trainable_percent=100.0 * trainable / total, train_seconds=round(train_s, 4),
-                   eval_seconds=round(self.seconds["eval"], 4),
+                   eval_seconds=round(self.seconds["eval"], 4), spectra_seconds=round(self.seconds["spectra"], 4),
                    steps_per_s=steps / train_s if train_s else None,
                    samples_per_s=samples / train_s if train_s else None, peak_rss_bytes=self.peak_rss,
                    device=str(device), **self.memory)

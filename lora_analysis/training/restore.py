@@ -12,7 +12,7 @@ from torch import nn
 from .. import runstore
 from ..lora import load_adapter
 from .data import ClassificationSplit, TextClassificationSplit, classification_inputs
-from .models import Task, prepare_task
+from .models import TASK_SETTINGS, Task, prepare_task
 from .trainer import evaluate
 
 
@@ -34,6 +34,8 @@ class RestoredRun:
             return classification_inputs(data, slice(0, max(1, n // 4)))
         if isinstance(data, ClassificationSplit):
             return classification_inputs(data, slice(0, n))
+        if hasattr(data, "held_out_inputs"):          # tokenised examples (packed, instruction or chat data)
+            return data.held_out_inputs(max(1, n // 8))
         seq = data.seq_len
         windows = data.val[: (len(data.val) // seq) * seq].view(-1, seq)
         return windows[: max(1, min(n // 8, len(windows)))]
@@ -46,8 +48,11 @@ class RestoredRun:
 
 def task_for_run(run: runstore.Run) -> Task:
     c = run.config
-    return prepare_task(c["model"], c.get("data"), pretrain_steps=c.get("pretrain_steps"), seq_len=c.get("seq_len"),
-                        label_column=c.get("label_column"), text_field=c.get("text_field"), task=c.get("task"))
+    if c.get("source"):
+        raise ValueError(f"run {run.id} was recorded from a training loop outside lora-analysis ({c['source']}): its "
+                         "data is not known here, so its model is not rebuilt (merge checks need it); every analysis "
+                         "of its adapter works")
+    return prepare_task(**{k: c.get(k) for k in TASK_SETTINGS})
 
 
 def restore_run(run: runstore.Run | str, task: Task | None = None) -> RestoredRun:

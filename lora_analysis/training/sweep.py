@@ -27,7 +27,7 @@ import pandas as pd
 
 from .. import runstore
 from .config import SweepSpec, TrainConfig
-from .models import DEFAULTS, Task
+from .models import DEFAULTS, TASK_SETTINGS, Task
 from .trainer import Cancel, TrainResult, is_cancelled, task_for, train
 
 J = TypeVar("J")
@@ -179,7 +179,7 @@ def run_job(job: SweepJob, progress: Progress | None = None, cancel: Cancel = No
 
 
 def _data_key(c: TrainConfig) -> tuple:
-    return (c.model, c.data, c.pretrain_steps, c.seq_len, c.label_column, c.text_field, c.task)
+    return tuple(getattr(c, k) for k in TASK_SETTINGS)
 
 
 def run_sweep(settings: Sequence[tuple[str, TrainConfig]], *, runs_dir: str | Path | None = None,
@@ -198,8 +198,7 @@ def run_sweep(settings: Sequence[tuple[str, TrainConfig]], *, runs_dir: str | Pa
     if not settings:
         raise ValueError("the sweep is empty")
     if len({_data_key(c) for _, c in settings}) > 1:
-        raise ValueError("all runs of a sweep must share the model and data settings (model, data, "
-                         "pretrain_steps, seq_len, label_column, text_field, task)")
+        raise ValueError(f"all runs of a sweep must share the model and data settings ({', '.join(TASK_SETTINGS)})")
     executor = executor or LocalExecutor()
     if getattr(executor, "shares_memory", True):
         task = task or task_for(settings[0][1])

@@ -42,10 +42,11 @@ from ..lora.layer import is_adaptable
 from ..lora.model import _output_head_names, find_targets
 from .config import METHODS, TrainConfig
 from .data import ClassificationSplit, classification_batch, classification_inputs, token_batch, token_eval_batches
-from .models import Task, prepare_task
+from .hf_data import IGNORE_INDEX, LMExampleSplit
+from .models import TASK_SETTINGS, Task, prepare_task
 from .record import MAX_BASE_WEIGHTS_BYTES, RunRecord, TrainResult, default_run_name, training_state_bytes, \
     weight_copy
-from .runtime import deterministic_scope, threads_scope
+from .runtime import deterministic_scope, prepare_for_device, threads_scope
 
 __all__ = ["Cancel", "DIVERGED_FACTOR", "MAX_BASE_WEIGHTS_BYTES", "METHODS", "TrainConfig", "TrainResult",
            "adaptable_modules", "default_run_name", "divergence", "evaluate", "global_rng_turn", "is_cancelled",
@@ -67,9 +68,7 @@ def task_for(config: TrainConfig, progress: Callable[..., None] | None = None) -
     """The pretrained base and data split ``config`` trains on (built-in bases come from the cache; a
     built-in pretrains on the run's thread count, see :func:`.runtime.threads_for`)."""
     with threads_scope(config.model, requested=config.threads):
-        return prepare_task(config.model, config.data, pretrain_steps=config.pretrain_steps,
-                            seq_len=config.seq_len, label_column=config.label_column,
-                            text_field=config.text_field, progress=progress, task=config.task)
+        return prepare_task(**{k: getattr(config, k) for k in TASK_SETTINGS}, progress=progress)
 
 
 def resolve_config(config: TrainConfig, task: Task) -> TrainConfig:
@@ -148,17 +147,21 @@ def to_device(x, device: torch.device):
 
 
 def next_batch(task: Task, batch_size: int, generator: torch.Generator) -> tuple:
-    """(x, y): rows and labels (classification; texts: x is a dict of input_ids and attention_mask) or
-    token windows and their next tokens (language models)."""
+    """(x, y): rows and labels (classification; texts: x is a dict of input_ids and attention_mask), token
+    windows and their next tokens (built-in language models), or padded examples of a Hugging Face causal
+    LM (x a dict of input_ids and attention_mask, y their next tokens, -100 where no loss is taken)."""
     if isinstance(task.data, ClassificationSplit):
         return classification_batch(task.data, batch_size, generator)
+    if isinstance(task.data, LMExampleSplit):
+        return task.data.batch(batch_size, generator)
     return token_batch(task.data.train, task.data.seq_len, batch_size, generator)
 
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, device: torch.device, batch_size: int, max_eval_tokens: int,
              autocast: bool = False) -> dict[str, float]:
-    """Validation loss plus accuracy (classification) or perplexity = exp(loss) (language models)."""
+    """Validation loss plus accuracy (classification) or perplexity = exp(loss) (language models: the mean
+    loss over the target tokens, -100 targets such as prompts and padding excluded)."""
     was_training = model.training
     model.eval()
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -170,10 +173,14 @@ def evaluate(task: Task, model: nn.Module, device: torch.device, batch_size: int
                    "val_accuracy": float((logits.argmax(-1) == y).float().mean())}
         else:
             total, count = 0.0, 0
-            for x, y in token_eval_batches(task.data.val, task.data.seq_len, batch_size, max_eval_tokens):
-                loss = task.loss(model, (x.to(device), y.to(device)))
-                total, count = total + float(loss) * y.numel(), count + y.numel()
-            val = total / count
+            batches = task.data.eval_batches(batch_size, max_eval_tokens) if isinstance(task.data, LMExampleSplit) \
+                else token_eval_batches(task.data.val, task.data.seq_len, batch_size, max_eval_tokens)
+            for x, y in batches:
+                targets = int((y != IGNORE_INDEX).sum())
+                if targets:
+                    loss = task.loss(model, (to_device(x, device), y.to(device)))
+                    total, count = total + float(loss) * targets, count + targets
+            val = total / count if count else float("nan")
             out = {"val_loss": val, "val_perplexity": math.exp(min(val, 80.0))}
     out.update(source_metrics(task, model, device))
     model.train(was_training)
@@ -248,6 +255,7 @@ def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path
                                                config.threads))
             scopes.enter_context(global_rng_turn(model, cfg.seed, device))
             w0 = prepare_model(model, cfg, device, task.modules_to_save)
+            applied = prepare_for_device(model, cfg, device)   # gradient checkpointing, torch.compile (in place)
         except ValueError:
             record.discard()            # refused settings leave nothing behind
             raise
@@ -259,7 +267,7 @@ def train(config: TrainConfig, *, task: Task | None = None, runs_dir: str | Path
         except BaseException as exc:
             record.abort("failed", f"{type(exc).__name__}: {exc}")
             raise
-        return _train_loop(cfg, task, model, w0, device, record, progress, cancel, keep_model)
+        return _train_loop(cfg, task, model, w0, device, record, progress, cancel, keep_model, applied)
 
 
 class _CancelledSetup(Exception):
@@ -267,13 +275,14 @@ class _CancelledSetup(Exception):
 
 
 def _train_loop(cfg: TrainConfig, task: Task, model: nn.Module, w0: dict, device: torch.device,
-                record: RunRecord, progress, cancel: Cancel, keep_model: bool) -> TrainResult:
+                record: RunRecord, progress, cancel: Cancel, keep_model: bool,
+                device_options: dict | None = None) -> TrainResult:
     """The loop itself: evaluate the frozen base, then train, evaluating every ``eval_every`` steps."""
     autocast = cfg.bf16
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = torch.Generator().manual_seed(cfg.seed)            # the batch order
-    record.begin(cfg, task, model, w0)
+    record.begin(cfg, task, model, w0, device_options)
 
     def diverged(step: int, reason: str) -> None:
         record.stop("failed", f"diverged at step {step}: {reason}: lower the learning rate (lr={cfg.lr:g})")
