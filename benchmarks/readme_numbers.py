@@ -57,9 +57,11 @@ BENCHMARKS = {
              ["-m", "benchmarks.bench_base", "--hidden", "1024", "--layers", "1", "--out", "base_d1024_L1.json"],
              ["-m", "benchmarks.bench_base", "--hidden", "1024", "--layers", "4", "--out", "base_d1024_L4.json"]],
     "ray": [["-m", "benchmarks.bench_ray"]],
+    "base_7b": [["-m", "benchmarks.bench_base", "--llama-7b", "--layers", "1", "--tmp", "/tmp"]],
+    "callback": [["-m", "benchmarks.bench_callback"]],
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}        # the benchmarks that share 2 cores between processes ask for it
-THREADED = {"base", "ray"}
+THREADED = {"base", "base_7b", "ray", "callback"}
 
 
 # ---- what the numbers depend on ----------------------------------------------------------------------------
@@ -351,6 +353,38 @@ def render_benchmarks() -> str:
         if "dict" in growth:
             rows.append(("peak memory growth, W0 streamed vs all W0 at once", "same run",
                          f"**{growth['first']:.0f} MiB vs {growth['dict']:.0f} MiB**{depth}"))
+    big = _read("bench_base_7b.json")
+    if big:
+        st, runs, r, env = big["setup"], big["runs"], big["ratios"], big["environment"]
+        load = max(env["load_average_before"][0], env["load_average_after"][0])
+        cmd = f"`OMP_NUM_THREADS=1 python -m benchmarks.bench_base --llama-7b --layers {st['layers']}`"
+        rows += [(f"`spectra ADAPTER --base DIR --json` on a Llama-2-7B-shaped base ({st['layers']} of "
+                  f"{st['layers_of_llama_2_7b']} layers at full width, sharded bf16 safetensors; r={st['rank']} on "
+                  f"{st['adapted_modules']} modules): first visit / second visit (cached) / adapter only", cmd,
+                  f"**{_fmt_s(runs['cold']['seconds'])} / {_fmt_s(runs['cached']['seconds'])} / "
+                  f"{_fmt_s(runs['adapter_only']['seconds'])}** (1 thread, load ~{load:.0f})"),
+                 ("the same first visit against its floor: reading the adapted tensors + the SVDs alone (CPU time)",
+                  "same run", f"**{r['cold_cpu_over_floor_cpu_plus_svds_cpu']:.2f}×**; second visit "
+                  f"**{r['cached_cpu_over_adapter_only_cpu']:.1f}×** the adapter-only time; intruders equal on "
+                  f"both visits: {'yes' if r['cached_same_intruders_as_cold'] else 'NO'}"),
+                 ("peak RSS of that first visit / of `AutoModelForCausalLM.from_pretrained` in float32, above the "
+                  f"interpreter's, in units of the largest module ({st['largest_module_mib_fp32']:.0f} MiB float32)",
+                  "same run", f"**{r['cold_rss_above_baseline_over_largest_fp32']:.1f}× / "
+                  f"{r['transformers_rss_above_baseline_over_largest_fp32']:.1f}×** (all 32 layers through "
+                  f"transformers: {big['projection_32_layers']['transformers_float32_gib']:.1f} GiB, more than this "
+                  "machine's memory)")]
+    callback = _read("bench_callback.json")
+    if callback:
+        a, f32, b16 = callback["adapter"], callback["per_call"]["float32"], callback["per_call"]["bfloat16"]
+        dense = callback["dense_reference"]
+        rows += [(f"training callback: one recording of the spectra of a {a['shape']}-shaped adapter ({a['modules']} "
+                  f"modules, r={a['rank']}), float32 / bf16 factors", "`OMP_NUM_THREADS=1 python -m benchmarks.bench_callback`",
+                  f"**{f32['record_seconds_median']:.2f} s / {b16['record_seconds_median']:.2f} s** "
+                  f"({f32['record_seconds_per_module'] * 1e3:.1f} ms per module; "
+                  f"{f32['history_bytes_per_recording'] / 1024:.0f} KiB of history per recording)"),
+                 ("the same with dense ΔW SVDs (measured on one module per shape, extrapolated)", "same run",
+                  f"**~{dense['seconds_per_call_extrapolated'] / 3600:.1f} h** per recording, "
+                  f"{dense['ratio_dense_over_factored_record']:,.0f}× the factored one")]
     if ray:
         rows.append((f"{ray['sweep']['runs']}-run mlp-digits sweep: local / Ray cold / Ray warm (shared folder) / "
                      "Ray warm (runs as bytes)", "`OMP_NUM_THREADS=1 python -m benchmarks.bench_ray`",

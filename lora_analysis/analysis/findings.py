@@ -36,7 +36,7 @@ import plotly.graph_objects as go
 import torch
 
 from .. import runstore
-from ..plots.style import COLORS, SEQUENCE, apply_style, bounded_axis, reference_line, safe_label
+from ..plots.style import COLORS, SEQUENCE, apply_style, bounded_axis, finite, fit_range, reference_line, safe_label
 from ..report import Section
 from ..weights import ModuleUpdate
 from . import amplification, intruders, similarity
@@ -695,8 +695,13 @@ def plot_learning_forgetting(frame: pd.DataFrame, target: str, source: str, titl
                         text=[safe_label(lb) for lb in group["label"]],
                         textposition="top center", name="full fine-tuning" if method == "full" else "LoRA",
                         marker={"size": 11, "color": COLORS[method]})
-    fig.update_layout(xaxis={"title": f"forgot: {source} lost on the source task (lower: forgets less)"},
-                      yaxis={"title": f"learned: {target} gained on the target task"})
+    # runs that all gained (or lost) exactly the same get an explicit scale around that value, not plotly's ±1
+    def flat_range(values):
+        return fit_range(values, pad=0.25) if len(set(finite(values))) == 1 else None
+    fig.update_layout(xaxis={"title": f"forgot: {source} lost on the source task (lower: forgets less)",
+                             "range": flat_range(frame["forgot"])},
+                      yaxis={"title": f"learned: {target} gained on the target task",
+                             "range": flat_range(frame["learned"])})
     return apply_style(fig, title)
 
 
