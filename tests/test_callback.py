@@ -330,3 +330,31 @@ def test_the_spectra_page_shows_the_history_of_the_trainer_run(trainer_run, monk
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     (spec,) = [s for s in specs if "grew during training" in s["layout"]["title"]["text"]]
     assert len(spec["data"]) == 4 and not at.exception
+
+
+def test_a_callback_run_with_training_loss_only_leaves_rank_alpha_and_merge_clean(lora_home):
+    # seen in Chromium: a Trainer run that never evaluated made the Rank & alpha page fail ("needs val_loss"),
+    # and the Merge page opened on it and failed to rebuild its model
+    from streamlit.testing.v1 import AppTest
+
+    from lora_analysis.analysis.registry import ANALYSES, Inputs
+    from tests.test_dashboard_pages import APP
+
+    model = _mlp_with_lora()
+    with SpectraRecorder(model, every=3, name="loss only") as recorder:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        for step in range(1, 4):
+            loss = model(torch.randn(4, 12, generator=torch.Generator().manual_seed(step))).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            recorder.step(step, {"loss": loss.item()})
+    entry = ANALYSES.get("rank_alpha")
+    assert entry.skip_reason(Inputs.from_runs(runstore.list_runs())) == \
+        "no run has a validation metric (val_accuracy, val_perplexity or val_loss)"
+    assert "cannot be rebuilt" in ANALYSES.get("merge").skip_reason(Inputs.from_runs(runstore.list_runs()))
+    for page in ("rank_alpha", "merge"):       # the merge audit would rebuild the model: it is not offered
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.run()
+        at.switch_page(f"views/{page}.py").run()
+        assert not at.exception and not at.error, (page, [e.value for e in at.exception], [e.value for e in at.error])

@@ -42,6 +42,10 @@ def page() -> None:
         empty_store_message()
         return
     inputs = inputs_for(runs)
+    skip = RANK_ALPHA.skip_reason(inputs)
+    if skip:                # e.g. only runs recorded from a training loop that never evaluated
+        st.info(plain(f"Rank and alpha effects compare the runs' final metrics: {skip}."))
+        return
     with guarded("drawing rank and alpha effects"):
         params = {}
         c = st.columns(2)

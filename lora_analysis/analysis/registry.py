@@ -550,8 +550,20 @@ TRAINING = Analysis(
 
 # ---- rank & alpha ---------------------------------------------------------------------------------------------
 
+def _has_metric(run: runstore.Run) -> bool:
+    """Whether the run ended with a validation metric to compare (a run recorded from a user's own training
+    loop may have logged training loss only)."""
+    values = [(run.metrics or {}).get(m) for m in METRICS]
+    return any(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
 def _models(inputs: Inputs, chosen: dict) -> list[str]:
-    return list(dict.fromkeys(r.model for r in inputs.runs))
+    return list(dict.fromkeys(r.model for r in inputs.runs if _has_metric(r)))
+
+
+def _rank_alpha_applies(inputs: Inputs) -> str | None:
+    return _needs_runs(inputs) or (None if _models(inputs, {}) else
+                                   "no run has a validation metric (val_accuracy, val_perplexity or val_loss)")
 
 
 def _setting(run: runstore.Run) -> str:
@@ -644,7 +656,7 @@ RANK_ALPHA = Analysis(
             Param("setting", _first(_settings), "runs with the same data and optimisation settings",
                   "Runs with the same data and optimisation settings", options=_settings),
             Param("metric", _first(_ra_metrics), "final metric to compare", "Metric", options=_ra_metrics)),
-    applies=_needs_runs, each="model")
+    applies=_rank_alpha_applies, each="model")
 
 
 # ---- spectra across runs ----------------------------------------------------------------------------------
@@ -1067,7 +1079,8 @@ INTRUDERS = Analysis(
 # ---- merge equivalence ------------------------------------------------------------------------------------------
 
 def _lora_runs(inputs: Inputs, chosen: dict) -> list[str]:
-    return [run_label(r) for r in inputs.runs if r.method == "lora"]
+    # a run recorded from the user's own training loop (config "source") cannot be rebuilt: its data is unknown
+    return [run_label(r) for r in inputs.runs if r.method == "lora" and not (r.config or {}).get("source")]
 
 
 @dataclass
@@ -1166,7 +1179,8 @@ MERGE = Analysis(
                   "exact model", "Compare with", options=("same dtype", "fp32")),
             Param("repeats", 30, "timed forward passes per variant", "Repeats", low=1, high=1000)),
     applies=lambda inputs: None if _lora_runs(inputs, {}) else "it rebuilds a LoRA run's model: choose a LoRA run "
-                                                              "of the run store")
+                                                              "trained here (a run recorded from your own training "
+                                                              "loop cannot be rebuilt: its data is not known here)")
 
 
 # ---- the registry -------------------------------------------------------------------------------------------------
