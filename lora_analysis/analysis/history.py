@@ -109,10 +109,7 @@ def lora_factors(model: nn.Module, adapter_name: str | None = None) -> dict[str,
         from ..lora import lora_layers
 
         for name, layer in lora_layers(model).items():
-            a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-            if getattr(layer, "init", None) == "pissa" and getattr(layer, "pissa_init", None) is not None:
-                a0, b0 = layer.pissa_init
-                a, b = torch.cat([a, a0.to(a)]), torch.cat([b, -b0.to(b)], dim=1)
+            a, b = layer.update_factors()
             out[name] = LoRAFactors(a, b, float(layer.scaling))
     if not out:
         what = f" for the adapter {adapter_name!r}" if adapter_name else ""

@@ -104,10 +104,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-        if layer.init == "pissa":
-            a0, b0 = layer.pissa_init
-            a, b = torch.cat([a, a0.to(a)]), torch.cat([b, -b0.to(b)], dim=1)
+        a, b = layer.update_factors()
         state[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
     if config and config.modules_to_save:

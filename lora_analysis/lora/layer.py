@@ -174,6 +174,16 @@ class LoRALinear(nn.Module):
         return self.base_layer
 
     # ---- the update ---------------------------------------------------------------------------
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), detached, whose scaling·B·A is the update this layer adds to the pretrained W: its own
+        factors, or for PiSSA (which moved W to the residual) the rank-2r [B, −B0]·[A; A0], as its saved
+        adapter holds them."""
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        if self.init == "pissa" and getattr(self, "pissa_init", None) is not None:
+            a0, b0 = self.pissa_init
+            a, b = torch.cat([a, a0.to(a)]), torch.cat([b, -b0.to(b)], dim=1)
+        return a, b
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling·B·A in float32, in the base weight's orientation ((out, in); (in, out) for Conv1D)."""
         delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
